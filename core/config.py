@@ -1,0 +1,225 @@
+"""Configuration: ``Settings`` from the environment or a TOML file, URL parsing,
+per-transport options, and redaction so secrets never reach logs or errors.
+
+Every transport reads its tuning from its URL's query string (``?stream=events``)
+and falls back to ``Settings``; unknown or malformed options raise
+:class:`ConfigError` naming the option and the ones that exist.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+DEFAULT_URL = "honker:///./alkpubsub.db"
+CONFIG_ENV = "ALKPUBSUB_CONFIG"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password or token replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}"
+        else:
+            # A lone userinfo is a token for NATS; treat it as secret.
+            netloc = f"***@{host}"
+    query = "&".join(
+        f"{k}=***" if _is_secret_key(k) else f"{k}={quote(v)}"
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _is_secret_key(key: str) -> bool:
+    k = key.lower()
+    return any(word in k for word in ("pass", "token", "secret", "key", "nkey", "creds"))
+
+
+@dataclass(frozen=True)
+class ParsedUrl:
+    """A transport URL split into parts. ``password`` is kept out of ``repr``."""
+
+    scheme: str
+    host: str | None
+    port: int | None
+    path: str
+    username: str | None
+    password: str | None = field(repr=False)
+    query: dict[str, str]
+    raw: str = field(repr=False)
+
+    @property
+    def redacted(self) -> str:
+        """The URL with secrets masked, for messages."""
+        return redact_url(self.raw)
+
+    @property
+    def base_scheme(self) -> str:
+        """The scheme without a ``+durable`` suffix."""
+        return self.scheme.split("+", 1)[0]
+
+
+def parse_url(url: str) -> ParsedUrl:
+    """Split ``url``; raise :class:`ConfigError` when it cannot be read."""
+    if not isinstance(url, str) or ("://" not in url and not url.startswith("memory:")):
+        raise ConfigError(
+            f"{url!r} is not a transport URL; expected e.g. 'memory://', "
+            "'honker:///path/events.db', 'redis://host:6379/0' or 'nats://host:4222'"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"cannot parse URL {redact_url(url)!r}: {exc}") from None
+    query: dict[str, str] = {}
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k in query:
+            raise ConfigError(f"option {k!r} is given twice in {redact_url(url)!r}")
+        query[k] = v
+    return ParsedUrl(
+        scheme=parts.scheme.lower(),
+        host=parts.hostname,
+        port=port,
+        path=unquote(parts.path),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        query=query,
+        raw=url,
+    )
+
+
+class Settings(BaseSettings):
+    """Deployment configuration, from ``ALKPUBSUB_*`` environment variables, a
+    TOML file (``ALKPUBSUB_CONFIG=path.toml`` or :meth:`from_toml`) or code.
+
+    ``url`` picks the transport; a list makes a composite whose first entry is
+    the local leg. Credentials and TLS files given here apply to URLs that do
+    not carry their own. Secrets are ``SecretStr`` and are masked in reprs.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="ALKPUBSUB_", extra="forbid", validate_default=True, frozen=True
+    )
+
+    url: str | list[str] = DEFAULT_URL
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    buffer: int = 1024
+    max_deliveries: int = 5
+    origin: str | None = None
+    options: dict[str, str] = {}
+    """Transport options applied to every URL (a URL's own query wins)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_ENV)
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(f"{CONFIG_ENV}={path!r} is not a file; point it at a TOML file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> Settings:
+        """Settings from a TOML file (top-level keys, or an ``[alkpubsub]`` table)."""
+        import tomllib
+
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read settings file {str(path)!r}: {exc}") from None
+        data = data.get("alkpubsub", data)
+        return cls.load(**{**data, **overrides})
+
+    @classmethod
+    def load(cls, **values: Any) -> Settings:
+        """Build settings, turning validation errors into :class:`ConfigError`."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid settings: {_describe(exc)}") from None
+
+    @property
+    def urls(self) -> list[str]:
+        """``url`` as a list."""
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            if name == "url":
+                value = (
+                    [redact_url(u) for u in self.urls]
+                    if isinstance(value, list)
+                    else (redact_url(value) if isinstance(value, str) else value)
+                )
+            yield name, value
+
+
+class TransportOptions(BaseModel):
+    """Base of each transport's options model: unknown names are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+OptionsT = TypeVar("OptionsT", bound=TransportOptions)
+
+
+def parse_options(
+    model: type[OptionsT], url: ParsedUrl, settings: Settings | None, **extra: Any
+) -> OptionsT:
+    """Options for a transport from ``settings.options`` overlaid by the URL's query."""
+    values: dict[str, Any] = {}
+    if settings is not None:
+        values.update({k: v for k, v in settings.options.items() if k in model.model_fields})
+    values.update(url.query)
+    values.update(extra)
+    unknown = sorted(set(url.query) - set(model.model_fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown option {unknown[0]!r} in {url.redacted!r}; "
+            f"{url.scheme} accepts: {', '.join(sorted(model.model_fields)) or 'none'}"
+        )
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"bad option in {url.redacted!r}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

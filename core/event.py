@@ -1,0 +1,174 @@
+"""The event envelope: the same JSON on every transport.
+
+A composite or relay forwards an event without re-encoding it, and
+deduplicates by ``id`` across transports.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticSerializationError, from_json, to_json
+
+from .errors import PayloadError
+
+JSONValue = Any
+"""A JSON value: dict, list, str, int, float, bool or None (nested)."""
+
+_last_ms = 0
+_seq = 0
+_time_ns = time.time_ns
+_bits = random.getrandbits
+
+
+def uuid7() -> str:
+    """A time-ordered UUIDv7 as text, increasing within this process.
+
+    Within one millisecond a 12-bit counter (randomly seeded each millisecond)
+    keeps ids increasing; on overflow the timestamp is nudged forward, as
+    RFC 9562 section 6.2 allows. 62 random bits keep ids unique across
+    processes (``random`` is reseeded in forked children).
+    """
+    global _last_ms, _seq
+    ms = _time_ns() // 1_000_000
+    if ms > _last_ms:
+        _last_ms, _seq = ms, _bits(10)
+    else:
+        _seq += 1
+        if _seq > 0xFFF:
+            _last_ms, _seq = _last_ms + 1, 0
+        ms = _last_ms
+    return "%08x-%04x-7%03x-%04x-%012x" % (  # noqa: UP031 - fastest formatting here
+        ms >> 16,
+        ms & 0xFFFF,
+        _seq,
+        0x8000 | _bits(14),
+        _bits(48),
+    )
+
+
+def new_origin() -> str:
+    """An id for one publishing transport instance: pid plus a random part."""
+    return f"{os.getpid()}-{random.getrandbits(48):012x}"
+
+
+def encode_payload(payload: JSONValue, *, topic: str = "") -> bytes:
+    """Serialise ``payload`` as compact JSON, or raise :class:`PayloadError`.
+
+    Uses pydantic-core's encoder: ~10x faster than ``json.dumps``, and it
+    also renders datetimes, UUIDs, sets and models the way pydantic does.
+    """
+    try:
+        return to_json(payload)
+    except (PydanticSerializationError, TypeError, ValueError) as exc:
+        where = f" for topic {topic!r}" if topic else ""
+        raise PayloadError(
+            f"payload{where} is not JSON-serialisable ({exc}); "
+            "pass dicts, lists, str, int, float, bool or None (or pydantic models)"
+        ) from None
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+class Event(BaseModel):
+    """One published event. Frozen; treat ``payload`` as read-only, since
+    in-process subscribers share it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    topic: str
+    payload: JSONValue = None
+    headers: dict[str, str] = {}
+    published_at: datetime
+    origin: str = ""
+    key: str | None = None
+    offset: int | None = None
+
+    @classmethod
+    def create(
+        cls,
+        topic: str,
+        payload: JSONValue,
+        *,
+        origin: str,
+        headers: dict[str, str] | None = None,
+        key: str | None = None,
+    ) -> tuple[Event, bytes]:
+        """Build a new event; return it with its payload's JSON text.
+
+        The payload is serialised once: that validates it, the stored copy is
+        decoded from that JSON (so a publisher mutating its dict afterwards
+        changes nothing), and transports that write to a wire pass the text to
+        :meth:`envelope` instead of serialising the payload again."""
+        body = encode_payload(payload, topic=topic)
+        # What model_construct does, without its per-call overhead (4x faster);
+        # the values are built here, so there is nothing to validate.
+        event = _new(cls)
+        _set(
+            event,
+            "__dict__",
+            {
+                "id": uuid7(),
+                "topic": topic,
+                "payload": from_json(body),
+                "headers": dict(headers) if headers else {},
+                "published_at": datetime.now(UTC),
+                "origin": origin,
+                "key": key,
+                "offset": None,
+            },
+        )
+        _set(event, "__pydantic_fields_set__", _ALL_FIELDS)
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event, body
+
+    def envelope(self, body: bytes | None = None) -> bytes:
+        """The wire envelope (JSON text, without ``offset``, which belongs to the log
+        that stores it). ``body`` is the payload's JSON when the caller has it."""
+        if body is None:
+            body = encode_payload(self.payload, topic=self.topic)
+        head = {
+            "id": self.id,
+            "topic": self.topic,
+            "headers": self.headers,
+            "published_at": self.published_at.isoformat(),
+            "origin": self.origin,
+        }
+        if self.key is not None:
+            head["key"] = self.key
+        return to_json(head)[:-1] + b',"payload":' + body + b"}"
+
+    @classmethod
+    def from_json(cls, data: str | bytes, *, offset: int | None = None) -> Event:
+        """Parse a wire envelope; raise :class:`PayloadError` when it is malformed."""
+        try:
+            event = cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise PayloadError(
+                f"malformed event envelope ({exc.error_count()} errors, first: "
+                f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); "
+                "it was not published through alkpubsub"
+            ) from None
+        if offset is not None:
+            event = event.model_copy(update={"offset": offset})
+        return event
+
+    def with_offset(self, offset: int | None) -> Event:
+        """A copy of this event carrying its position in a durable log."""
+        return self.model_copy(update={"offset": offset})
+
+    def with_headers(self, **extra: str) -> Event:
+        """A copy with ``extra`` merged into the headers."""
+        return self.model_copy(update={"headers": {**self.headers, **extra}})
+
+
+_ALL_FIELDS = frozenset(Event.model_fields)

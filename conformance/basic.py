@@ -12,10 +12,10 @@ import pytest
 
 from alkpubsub import (
     Capabilities,
-    Pattern,
     Closed,
     ConfigError,
     InvalidTopic,
+    Pattern,
     PayloadError,
     Transport,
 )
@@ -314,7 +314,7 @@ class BasicCases(SuiteFixtures):
         else:
             # Wait until every event reached the slow buffer or was dropped.
             async with asyncio.timeout(RECEIVE_TIMEOUT):
-                while slow.stats.dropped + slow.buffered < n:
+                while slow.stats.dropped + slow.buffered < n:  # noqa: ASYNC110 - polls stats
                     await asyncio.sleep(0.01)
             assert slow.buffered == size
             assert slow.stats.dropped == n - size

@@ -116,7 +116,7 @@ async def connect(target: str | Sequence[str] | Settings | None = None) -> Trans
     urls = settings.urls
     if not urls:
         raise ConfigError("no transport URL given; set ALKPUBSUB_URL or pass a URL")
-    if len(urls) == 1 and not urls[0].startswith("composite:"):
+    if len(urls) == 1:
         return await open_transport(urls[0], settings)
     from alkpubsub.composite import open_composite
 

@@ -34,6 +34,9 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unparsable url>"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if "@" not in parts.netloc and not any(_is_secret_key(k) for k, _ in pairs):
+        return url
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
@@ -45,7 +48,7 @@ def redact_url(url: str) -> str:
             netloc = f"***@{host}"
     query = "&".join(
         f"{k}=***" if _is_secret_key(k) else f"{k}={quote(v)}"
-        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        for k, v in pairs
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 

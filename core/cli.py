@@ -1,0 +1,232 @@
+"""Command line: ``alkpubsub pub|sub|replay|stats|relay|bench|doctor``.
+
+Every command takes ``--url`` (repeat it for a composite) or reads
+``ALKPUBSUB_URL``; the default is ``honker:///./alkpubsub.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .config import Settings, redact_url
+from .errors import PubSubError
+from .event import Event
+from .registry import connect
+from .transport import Transport
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if args.url:
+        return Settings.load(url=args.url if len(args.url) > 1 else args.url[0])
+    return Settings.load()
+
+
+def _print_event(event: Event) -> None:
+    print(event.model_dump_json(exclude_none=True), flush=True)
+
+
+def _start(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+async def cmd_pub(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.json)
+    except json.JSONDecodeError as exc:
+        print(f"error: JSON argument is not valid JSON ({exc}); quote it: '{{\"a\": 1}}'")
+        return 2
+    headers = dict(h.split("=", 1) for h in args.header or [])
+    async with await connect(_settings(args)) as transport:
+        event = await transport.publish(args.topic, payload, headers=headers)
+        print(event.id)
+    return 0
+
+
+async def _tail(transport: Transport, args: argparse.Namespace, *, start: int | str) -> int:
+    seen = 0
+    sub = transport.subscribe(args.pattern, consumer=args.consumer, start=start)  # type: ignore[arg-type]
+    async with sub:
+        while args.count is None or seen < args.count:
+            try:
+                event = await sub.get(timeout=args.idle)
+            except TimeoutError:
+                if args.idle is not None:
+                    break
+                continue
+            _print_event(event)
+            await sub.ack(event)
+            seen += 1
+    return 0
+
+
+async def cmd_sub(args: argparse.Namespace) -> int:
+    async with await connect(_settings(args)) as transport:
+        return await _tail(transport, args, start=_start(args.start))
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    args.idle = args.idle if args.idle is not None else 1.0
+    async with await connect(_settings(args)) as transport:
+        return await _tail(transport, args, start=_start(args.start))
+
+
+async def cmd_stats(args: argparse.Namespace) -> int:
+    async with await connect(_settings(args)) as transport:
+        report = getattr(transport, "consumer_stats", None)
+        if report is None:
+            print(f"{transport.name}: no named consumers (ephemeral transport)")
+            return 0
+        rows: list[dict[str, Any]] = await report()
+        if not rows:
+            print(f"{transport.name}: no consumers yet")
+        for row in rows:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    return 0
+
+
+async def cmd_relay(args: argparse.Namespace) -> int:
+    from alkpubsub.storage.outbox_relay import OutboxRelay
+
+    source = await connect(getattr(args, "from"))
+    target = await connect(args.to)
+    relay = OutboxRelay(source, target, pattern=args.pattern, consumer=args.consumer)
+    print(f"relaying {redact_url(getattr(args, 'from'))} -> {redact_url(args.to)}", flush=True)
+    try:
+        await relay.run(limit=args.count)
+    finally:
+        print(f"forwarded {relay.stats.forwarded} events", flush=True)
+        await source.close()
+        await target.close()
+    return 0
+
+
+async def measure(transport: Transport, count: int) -> dict[str, float]:
+    """Publish->receive throughput and 1-in-flight latency on ``transport``."""
+    topic = f"alkpubsub:bench:{time.monotonic_ns()}"
+    async with transport.subscribe(topic, buffer=count + 1) as sub:
+        t0 = time.perf_counter()
+        await transport.publish_many([(topic, {"i": i}) for i in range(count)])
+        for _ in range(count):
+            await sub.get(timeout=30)
+        rate = count / (time.perf_counter() - t0)
+        samples = []
+        for i in range(min(count, 1000)):
+            t1 = time.perf_counter()
+            await transport.publish(topic, {"i": i})
+            await sub.get(timeout=30)
+            samples.append(time.perf_counter() - t1)
+    samples.sort()
+    return {
+        "events_per_s": rate,
+        "p50_us": samples[len(samples) // 2] * 1e6,
+        "p99_us": samples[int(len(samples) * 0.99)] * 1e6,
+    }
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    async with await connect(_settings(args)) as transport:
+        result = await measure(transport, args.count)
+    print(
+        f"{transport.name}: {result['events_per_s']:,.0f} events/s publish->receive, "
+        f"latency p50 {result['p50_us']:.0f} us, p99 {result['p99_us']:.0f} us"
+    )
+    print("(for figures next to the raw clients, run `make bench` in a checkout)")
+    return 0
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from .config import parse_url
+    from .registry import resolve
+
+    ok = True
+    for url in settings.urls:
+        print(f"url: {redact_url(url)}")
+        try:
+            resolve(parse_url(url).scheme)
+            print("  transport module: ok")
+        except PubSubError as exc:
+            print(f"  transport module: FAILED: {exc}")
+            ok = False
+    if not ok:
+        return 1
+    try:
+        async with await connect(settings) as transport:
+            print(f"  connected: {transport.name}")
+            print(f"  capabilities: {', '.join(transport.capabilities.names()) or 'none'}")
+            result = await measure(transport, 50)
+            print(f"  publish->receive: ok, p50 {result['p50_us']:.0f} us")
+    except PubSubError as exc:
+        print(f"  FAILED: {type(exc).__name__}: {exc}")
+        return 1
+    print("all good")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    top = argparse.ArgumentParser(prog="alkpubsub", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url", action="append", help="transport URL (repeat for a composite); ALKPUBSUB_URL"
+    )
+    cmds = top.add_subparsers(dest="command", required=True)
+
+    p = cmds.add_parser("pub", parents=[common], help="publish one event")
+    p.add_argument("topic")
+    p.add_argument("json", help="payload as JSON text")
+    p.add_argument("--header", action="append", metavar="K=V")
+    p.set_defaults(run=cmd_pub)
+
+    for name, run, help_text, default_start in (
+        ("sub", cmd_sub, "print events as they arrive (tail)", "new"),
+        ("replay", cmd_replay, "print stored events from a position", "earliest"),
+    ):
+        p = cmds.add_parser(name, parents=[common], help=help_text)
+        p.add_argument("pattern", nargs="?", default=">")
+        p.add_argument("--consumer", help="durable consumer name (progress is saved)")
+        p.add_argument("--start", default=default_start, help="new | earliest | OFFSET")
+        p.add_argument("--count", type=int, help="stop after N events")
+        p.add_argument("--idle", type=float, help="stop after S seconds without events")
+        p.set_defaults(run=run)
+
+    p = cmds.add_parser("stats", parents=[common], help="consumers, offsets and lag")
+    p.set_defaults(run=cmd_stats)
+
+    p = cmds.add_parser("relay", help="forward committed events to a broker (outbox relay)")
+    p.add_argument("--from", required=True, help="durable source, e.g. honker+durable:///app.db")
+    p.add_argument("--to", required=True, help="target, e.g. nats+durable://host:4222")
+    p.add_argument("--pattern", default=">")
+    p.add_argument("--consumer", default="outbox-relay")
+    p.add_argument("--count", type=int, help="stop after N events")
+    p.set_defaults(run=cmd_relay)
+
+    p = cmds.add_parser("bench", parents=[common], help="measure this deployment")
+    p.add_argument("--count", type=int, default=10_000)
+    p.set_defaults(run=cmd_bench)
+
+    p = cmds.add_parser("doctor", parents=[common], help="check configuration and connectivity")
+    p.set_defaults(run=cmd_doctor)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``alkpubsub`` command."""
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(args.run(args))
+    except PubSubError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Every program in examples/ runs and prints what its docs promise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(name: str, *args: str, timeout: float = 60) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_quickstart_routes_by_request_id() -> None:
+    out = run_example("quickstart.py").splitlines()
+    assert out[:2] == ["req-42 watcher: started 0%", "req-42 watcher: done 100%"]
+    assert out[2:] == [
+        "all-calls watcher: call:req-42",
+        "all-calls watcher: call:req-7",
+        "all-calls watcher: call:req-42",
+    ]

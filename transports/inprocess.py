@@ -39,10 +39,7 @@ _buses: dict[str, _Bus] = {}
 
 
 def _attach(name: str | None) -> _Bus:
-    if name is None:
-        bus = _Bus(None)
-    else:
-        bus = _buses.get(name) or _buses.setdefault(name, _Bus(name))
+    bus = _Bus(None) if name is None else _buses.setdefault(name, _Bus(name))
     bus.users += 1
     return bus
 

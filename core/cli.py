@@ -220,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``alkpubsub`` command."""
     args = parser().parse_args(argv)
     try:
-        return asyncio.run(args.run(args))
+        return int(asyncio.run(args.run(args)))
     except PubSubError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

@@ -17,9 +17,9 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from .errors import ConfigError
@@ -46,10 +46,7 @@ def redact_url(url: str) -> str:
         else:
             # A lone userinfo is a token for NATS; treat it as secret.
             netloc = f"***@{host}"
-    query = "&".join(
-        f"{k}=***" if _is_secret_key(k) else f"{k}={quote(v)}"
-        for k, v in pairs
-    )
+    query = "&".join(f"{k}=***" if _is_secret_key(k) else f"{k}={quote(v)}" for k, v in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -75,6 +72,11 @@ class ParsedUrl:
     def redacted(self) -> str:
         """The URL with secrets masked, for messages."""
         return redact_url(self.raw)
+
+    def __repr__(self) -> str:
+        # A NATS token sits where a user name would, and options may carry
+        # secrets (?token=...): show only the redacted URL.
+        return f"ParsedUrl({self.redacted!r})"
 
     @property
     def base_scheme(self) -> str:
@@ -151,20 +153,14 @@ class Settings(BaseSettings):
         if path:
             if not Path(path).is_file():
                 raise ConfigError(f"{CONFIG_ENV}={path!r} is not a file; point it at a TOML file")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            # Read like from_toml: top-level keys or an [alkpubsub] table.
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=_read_toml(path)))
         return tuple(sources)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> Settings:
         """Settings from a TOML file (top-level keys, or an ``[alkpubsub]`` table)."""
-        import tomllib
-
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read settings file {str(path)!r}: {exc}") from None
-        data = data.get("alkpubsub", data)
-        return cls.load(**{**data, **overrides})
+        return cls.load(**{**_read_toml(path), **overrides})
 
     @classmethod
     def load(cls, **values: Any) -> Settings:
@@ -188,6 +184,18 @@ class Settings(BaseSettings):
                     else (redact_url(value) if isinstance(value, str) else value)
                 )
             yield name, value
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A settings file's values: its ``[alkpubsub]`` table, or its top-level keys."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read settings file {str(path)!r}: {exc}") from None
+    table = data.get("alkpubsub", data)
+    return table if isinstance(table, dict) else data
 
 
 class TransportOptions(BaseModel):

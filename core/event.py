@@ -126,7 +126,8 @@ class Event(BaseModel):
                 "offset": None,
             },
         )
-        _set(event, "__pydantic_fields_set__", _ALL_FIELDS)
+        # A mutable set of its own: model_copy(update=...) adds to it.
+        _set(event, "__pydantic_fields_set__", set(_ALL_FIELDS))
         _set(event, "__pydantic_extra__", None)
         _set(event, "__pydantic_private__", None)
         return event, body

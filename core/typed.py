@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import string
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from .capabilities import Start
-from .errors import ConfigError, PayloadError
+from .errors import ConfigError, InvalidTopic, PayloadError
 from .event import Event
-from .topics import compile_pattern, validate_topic
+from .topics import SEPARATOR, compile_pattern, validate_topic
 from .transport import DEFAULT_BUFFER, Subscription, Transport
 
 M = TypeVar("M", bound=BaseModel)
@@ -50,7 +49,8 @@ class TypedTopic(Generic[M]):
         self.transport = transport
         self.template = template
         self.model = model
-        self.fields = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        # Not string.Formatter: it raises a bare ValueError on a stray brace.
+        self.fields = _FIELD.findall(template)
         for segment in template.split(":"):
             if "{" in segment and not _FIELD.fullmatch(segment):
                 raise ConfigError(
@@ -61,6 +61,14 @@ class TypedTopic(Generic[M]):
         compile_pattern(self._fill({f: "x" for f in self.fields}))
 
     def _fill(self, values: dict[str, str]) -> str:
+        for name, value in values.items():
+            # A ':' would spread one field over several segments, and the event
+            # would miss subscribers that match that field with '*'.
+            if SEPARATOR in value:
+                raise InvalidTopic(
+                    f"topic {self.template!r}: {name}={value!r} contains {SEPARATOR!r}; "
+                    "a field fills exactly one segment"
+                )
         return _FIELD.sub(lambda m: values[m.group(1)], self.template)
 
     def topic_for(self, **values: str) -> str:

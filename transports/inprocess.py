@@ -101,6 +101,7 @@ def from_url(url: str, settings: Settings | None = None) -> InProcessTransport:
     """Build an in-process transport from ``memory://`` or ``memory://NAME``."""
     parsed: ParsedUrl = parse_url(url)
     parse_options(_NoOptions, parsed, settings)
-    name = (parsed.host or "") + parsed.path.strip("/")
+    # The bus name is everything after "memory://", as written (case and "/" kept).
+    name = parsed.raw.split("://", 1)[1].split("?", 1)[0] if "://" in parsed.raw else ""
     origin = settings.origin if settings else None
     return InProcessTransport(name or None, origin=origin)

@@ -1,0 +1,387 @@
+"""What the NATS transports share: topic <-> subject mapping, connection
+options from the URL and ``Settings`` (auth, TLS), and one connection's
+lifecycle (connect with a deadline, reconnect, give up, callbacks).
+
+Subjects (docs/decisions/005-nats-subjects-and-jetstream.md): a topic's ``:``
+becomes NATS's token separator ``.``; a ``.`` inside a segment becomes ``~``
+(legal in NATS subjects, illegal in topics, so the mapping is reversible); a
+prefix keeps our traffic apart: ``graph:v1.2`` -> ``alk.graph.v1~2``. Patterns
+map the same way (``*`` and a trailing ``>`` mean in NATS what they mean here),
+so the server filters exactly; subscribers check ``Pattern.matches`` as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from alkpubsub.config import ParsedUrl, Settings, TransportOptions
+from alkpubsub.errors import ConfigError, ConnectionLost, InvalidTopic, PubSubError
+from alkpubsub.topics import SEPARATOR, validate_topic
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+log = logging.getLogger("alkpubsub.nats")
+
+ESCAPE = "~"
+"""Stands for a ``.`` inside a topic segment on the wire."""
+DEFAULT_PORT = 4222
+_PREFIX = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
+
+
+# -- subjects ---------------------------------------------------------------
+
+
+def check_prefix(prefix: str, option: str = "prefix") -> str:
+    """``prefix`` if it is empty or literal dot-separated subject tokens."""
+    if prefix and not _PREFIX.fullmatch(prefix):
+        raise ConfigError(
+            f"{option}={prefix!r} is not a literal NATS subject prefix; use tokens of "
+            "[A-Za-z0-9_-] joined by '.', e.g. 'alk' or 'acme.events'"
+        )
+    return prefix
+
+
+def to_subject(prefix: str, topic_or_pattern: str) -> str:
+    """The subject for a topic, or the subject filter for a pattern."""
+    tokens = topic_or_pattern.replace(".", ESCAPE).replace(SEPARATOR, ".")
+    return f"{prefix}.{tokens}" if prefix else tokens
+
+
+def to_topic(prefix: str, subject: str) -> str | None:
+    """The topic a subject stands for, or None when it is not one of ours."""
+    if prefix:
+        if not subject.startswith(prefix + "."):
+            return None
+        subject = subject[len(prefix) + 1 :]
+    topic = subject.replace(".", SEPARATOR).replace(ESCAPE, ".")
+    try:
+        return validate_topic(topic)
+    except InvalidTopic:
+        return None
+
+
+def escape_name(name: str) -> str:
+    """A consumer name as a JetStream consumer name (which may not contain ``.``)."""
+    return name.replace(".", ESCAPE)
+
+
+# -- options ----------------------------------------------------------------
+
+
+class NatsConnectionOptions(TransportOptions):
+    """Connection options both NATS transports accept."""
+
+    name: str | None = None
+    connect_timeout: float = 5.0
+    reconnect_wait: float = 0.5
+    reconnect_timeout: float = 60.0
+    pending_size: int = 2 * 1024 * 1024
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_hostname: str | None = None
+
+
+def check_positive(options: TransportOptions, url: ParsedUrl, *names: str) -> None:
+    """Refuse options that must be > 0."""
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"option {name}={value!r} in {url.redacted!r} must be > 0")
+
+
+def _tls_context(options: NatsConnectionOptions, settings: Settings | None) -> ssl.SSLContext:
+    ca = options.tls_ca or (str(settings.tls_ca) if settings and settings.tls_ca else None)
+    cert = options.tls_cert or (str(settings.tls_cert) if settings and settings.tls_cert else None)
+    key = options.tls_key or (str(settings.tls_key) if settings and settings.tls_key else None)
+    try:
+        context = ssl.create_default_context(cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        # The exception names the file, never its content.
+        raise ConfigError(f"cannot load TLS files (tls_ca/tls_cert/tls_key): {exc}") from None
+    return context
+
+
+def _wants_tls(url: ParsedUrl, options: NatsConnectionOptions, settings: Settings | None) -> bool:
+    if url.base_scheme == "tls":
+        return True
+    if options.tls_ca or options.tls_cert:
+        return True
+    return bool(settings and (settings.tls_ca or settings.tls_cert))
+
+
+def connect_kwargs(
+    url: ParsedUrl, options: NatsConnectionOptions, settings: Settings | None
+) -> dict[str, Any]:
+    """Keyword arguments for ``nats.aio.client.Client.connect`` (without callbacks).
+
+    Credentials go in their own arguments, never in the server URL, so nothing
+    nats-py reports or logs carries them. ``nats://user:pass@host`` and
+    ``nats://token@host`` win over ``Settings.username/password/token``.
+    """
+    tls = _wants_tls(url, options, settings)
+    host = url.host or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    server = f"{'tls' if tls else 'nats'}://{host}:{url.port or DEFAULT_PORT}"
+    kwargs: dict[str, Any] = {
+        "servers": [server],
+        "name": options.name,
+        "connect_timeout": options.connect_timeout,
+        "reconnect_time_wait": options.reconnect_wait,
+        # Our own deadline (reconnect_timeout) decides when to give up.
+        "max_reconnect_attempts": -1,
+        "pending_size": options.pending_size,
+    }
+    if url.username is not None and url.password is not None:
+        kwargs["user"], kwargs["password"] = url.username, url.password
+    elif url.username is not None:
+        kwargs["token"] = url.username
+    elif settings is not None and settings.token is not None:
+        kwargs["token"] = settings.token.get_secret_value()
+    elif settings is not None and settings.username is not None:
+        kwargs["user"] = settings.username
+        if settings.password is not None:
+            kwargs["password"] = settings.password.get_secret_value()
+    if tls:
+        kwargs["tls"] = _tls_context(options, settings)
+        if options.tls_hostname:
+            kwargs["tls_hostname"] = options.tls_hostname
+    return kwargs
+
+
+# -- the connection ---------------------------------------------------------
+
+Hook = Callable[[], Awaitable[None] | None]
+
+
+class NatsConnection:
+    """One nats-py client with the lifecycle both transports need.
+
+    ``open`` connects within ``connect_timeout`` and fails fast on refused
+    credentials. nats-py reconnects on its own and replays subscriptions;
+    ``on_reconnect`` runs after each reconnect. If no connection comes back
+    within ``reconnect_timeout``, the client is closed and ``on_lost`` receives a
+    :class:`ConnectionLost` to fail the subscriptions with, so nothing hangs.
+    """
+
+    def __init__(
+        self,
+        url: ParsedUrl,
+        options: NatsConnectionOptions,
+        settings: Settings | None,
+        *,
+        label: str,
+        on_lost: Callable[[ConnectionLost], None],
+        on_reconnect: Hook | None = None,
+        on_slow_consumer: Callable[[object], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.label = label
+        self.options = options
+        self._kwargs = connect_kwargs(url, options, settings)
+        self._on_lost = on_lost
+        self._on_reconnect = on_reconnect
+        self._on_slow_consumer = on_slow_consumer
+        self.client: Client | None = None
+        self.reconnects = 0
+        self._closing = False
+        self._connected_once = False
+        self._auth_failed: asyncio.Future[None] | None = None
+        self._last_error: BaseException | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._logged: set[str] = set()
+
+    @property
+    def nc(self) -> Client:
+        """The connected client (after ``open``)."""
+        if self.client is None:
+            raise ConnectionLost(f"{self.label} is not connected; await transport.connect()")
+        return self.client
+
+    async def open(self) -> None:
+        """Connect, or raise :class:`ConnectionLost` / :class:`ConfigError` (credentials)."""
+        if self.client is not None:
+            return
+        from nats.aio.client import Client
+
+        client = Client()
+        loop = asyncio.get_running_loop()
+        self._auth_failed = loop.create_future()
+        connecting = asyncio.ensure_future(
+            client.connect(
+                **self._kwargs,
+                error_cb=self._error_cb,
+                disconnected_cb=self._disconnected_cb,
+                reconnected_cb=self._reconnected_cb,
+                closed_cb=self._closed_cb,
+            )
+        )
+        done, _ = await asyncio.wait(
+            {connecting, self._auth_failed},
+            timeout=self.options.connect_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if connecting in done and connecting.exception() is None:
+            self._auth_failed.cancel()
+            self.client = client
+            self._connected_once = True
+            return
+        # Sticky: errors from tearing down the refused connection come after it.
+        refused = self._auth_failed.done() and not self._auth_failed.cancelled()
+        connecting.cancel()
+        self._auth_failed.cancel()
+        self._closing = True
+        await asyncio.gather(connecting, return_exceptions=True)
+        await client.close()
+        error = self._last_error
+        if error is None and connecting.done() and not connecting.cancelled():
+            error = connecting.exception()
+        if refused or self._is_auth_error(error):
+            raise ConfigError(
+                f"the NATS server at {self.url.redacted!r} refused the credentials "
+                "(authorization violation); check the user/password or token in the URL "
+                "or Settings"
+            )
+        reason = f": {error}" if error else ""
+        raise ConnectionLost(
+            f"cannot connect to NATS at {self.url.redacted!r} within "
+            f"{self.options.connect_timeout:g} s{reason}; is nats-server running there? "
+            "(raise connect_timeout= for slow networks)"
+        )
+
+    async def close(self) -> None:
+        """Flush and close; idempotent."""
+        self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.client is not None:
+            await self._close_client(self.client)
+
+    @staticmethod
+    async def _close_client(client: Client) -> None:
+        if client.is_closed:
+            return
+        if not client.is_connected:
+            # Publishes buffered for the next connection cannot be sent now;
+            # nats-py (2.16) would try to write them into the dead socket on
+            # close and raise ConnectionResetError halfway through closing.
+            client._pending = []
+            client._pending_data_size = 0
+        await client.close()
+
+    @property
+    def connected(self) -> bool:
+        """True while the client is connected."""
+        return self.client is not None and self.client.is_connected
+
+    def lost_error(self) -> ConnectionLost:
+        """The error for using a closed or given-up connection."""
+        return ConnectionLost(
+            f"{self.label}: the connection to {self.url.redacted!r} is closed "
+            f"(no server for {self.options.reconnect_timeout:g} s, or closed); "
+            "connect a new transport"
+        )
+
+    @contextlib.contextmanager
+    def translate(self, what: str) -> Iterator[None]:
+        """Turn nats-py's errors and timeouts during ``what`` into :class:`ConnectionLost`."""
+        from nats.errors import Error
+
+        try:
+            yield
+        except PubSubError:
+            raise
+        except (Error, TimeoutError) as exc:
+            raise ConnectionLost(
+                f"{self.label}: {what} failed ({exc or type(exc).__name__}); the server did "
+                "not answer in time: check that it is up, or retry"
+            ) from None
+
+    def log_once(self, kind: str, message: str, *args: object) -> None:
+        """Log a warning the first time ``kind`` happens on this connection."""
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning(message, *args)
+
+    @staticmethod
+    def _is_auth_error(error: BaseException | None) -> bool:
+        from nats.errors import AuthorizationError
+
+        return isinstance(error, AuthorizationError) or (
+            error is not None and "authorization" in str(error).lower()
+        )
+
+    # -- nats-py callbacks ----------------------------------------------------
+
+    async def _error_cb(self, error: Exception) -> None:
+        from nats.errors import SlowConsumerError
+
+        if isinstance(error, SlowConsumerError):
+            if self._on_slow_consumer is not None:
+                self._on_slow_consumer(error.sub)
+            self.log_once(
+                f"slow:{error.sid}",
+                "%s: slow consumer on %s, nats-py dropped messages (counted in stats.dropped)",
+                self.label,
+                error.subject,
+            )
+            return
+        self._last_error = error
+        if not self._connected_once:
+            if self._is_auth_error(error) and self._auth_failed and not self._auth_failed.done():
+                self._auth_failed.set_result(None)
+            return
+        # nats-py errors carry addresses, never our credentials (not in its URL).
+        self.log_once(f"error:{type(error).__name__}", "%s: %s", self.label, error)
+
+    async def _disconnected_cb(self) -> None:
+        if self._closing or not self._connected_once:
+            return
+        log.warning(
+            "%s: disconnected from %s; reconnecting for up to %g s",
+            self.label,
+            self.url.redacted,
+            self.options.reconnect_timeout,
+        )
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._give_up_later())
+
+    async def _reconnected_cb(self) -> None:
+        self.reconnects += 1
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        log.info("%s: reconnected to %s", self.label, self.url.redacted)
+        if self._on_reconnect is not None:
+            result = self._on_reconnect()
+            if result is not None:
+                await result
+
+    async def _closed_cb(self) -> None:
+        if not self._closing and self._connected_once:
+            self._on_lost(self.lost_error())
+
+    async def _give_up_later(self) -> None:
+        await asyncio.sleep(self.options.reconnect_timeout)
+        client = self.client
+        if client is None or client.is_connected or self._closing:
+            return
+        log.error(
+            "%s: no connection to %s for %g s; giving up",
+            self.label,
+            self.url.redacted,
+            self.options.reconnect_timeout,
+        )
+        self._closing = True
+        self._on_lost(self.lost_error())
+        await self._close_client(client)

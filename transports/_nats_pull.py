@@ -1,0 +1,345 @@
+"""The JetStream subscription of ``nats+durable://``: a pull loop on one consumer.
+
+One pull request is outstanding at a time, for no more events than the buffer
+has room for, so a slow reader pauses the consumer instead of losing events
+(and competing members get the rest). Requests go straight to
+``$JS.API.CONSUMER.MSG.NEXT`` with a reply inbox per subscription, handled by a
+nats-py callback: that keeps closing exact (in-hand events are naked back, none
+stay stranded in a client-side queue) and lets a lost request be told apart
+from an idle one, which is how a vanished consumer (nats.py #504, memory
+streams after a restart) is noticed and re-created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+from alkpubsub.capabilities import Start
+from alkpubsub.errors import ConfigError, ConnectionLost, PayloadError
+from alkpubsub.event import Event
+from alkpubsub.transport import Subscription
+
+from ._nats_common import escape_name
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription as NatsSub
+    from nats.js.api import ConsumerConfig
+
+    from .nats_durable import NatsDurableTransport
+
+_END_OF_REQUEST = {"404", "408", "409"}  # no messages / expired / consumer changed
+_SLACK = 2.0  # seconds past a request's expiry before it counts as lost
+
+
+class PullSubscription(Subscription):
+    """Events of one JetStream consumer (named, or anonymous for ``consumer=None``)."""
+
+    transport: NatsDurableTransport
+
+    def __init__(
+        self,
+        transport: NatsDurableTransport,
+        pattern: str,
+        *,
+        consumer: str | None,
+        start: Start,
+        buffer: int,
+    ) -> None:
+        super().__init__(transport, pattern, consumer=consumer, start=start, buffer=buffer)
+        self.durable = consumer is not None
+        if consumer is not None:
+            self.consumer_name = escape_name(consumer)
+        else:
+            from nats.nuid import NUID
+
+            self.consumer_name = "anon-" + NUID().next().decode()
+        self._unacked: dict[int, Msg] = {}
+        self._inbox: NatsSub | None = None
+        self._reply = ""
+        self._task: asyncio.Task[None] | None = None
+        self._request = 0
+        self._remaining = 0
+        self._answered = False
+        self._request_done = asyncio.Event()
+        self._heal = False
+        self._next_seq: int | None = None  # past the newest stream sequence seen
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def _open(self) -> None:
+        conn = self.transport._conn
+        with conn.translate(f"opening consumer {self.consumer_name!r}"):
+            await self.ensure_consumer()
+            self._reply = conn.nc.new_inbox()
+            self._inbox = await conn.nc.subscribe(self._reply + ".*", cb=self._on_message)
+        self._task = asyncio.create_task(self._pull_loop(), name=f"alkpubsub pull {self!r}")
+
+    async def _shutdown(self) -> None:
+        await self._stop_loop()
+        nc = self.transport._conn.client
+        inbox, self._inbox = self._inbox, None
+        if inbox is not None and nc is not None and nc.is_connected:
+            # The callback sees the subscription closed and naks what is left.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(inbox.drain(), 2.0)  # type: ignore[no-untyped-call]
+        if nc is not None and nc.is_connected:
+            if self._unacked:
+                # The server may still hold our last pull request although its
+                # inbox is gone, and would hand the first nak'd event to it (lost
+                # until ack_wait). Asking for the consumer's info makes nats-server
+                # (2.9) drop requests nobody listens to any more.
+                with contextlib.suppress(Exception):
+                    await self.transport.js.consumer_info(self.transport.stream, self.consumer_name)
+            for msg in self._unacked.values():  # in order: redelivered in nak order
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+            if not self.durable:
+                with contextlib.suppress(Exception):
+                    await self.transport.js.delete_consumer(
+                        self.transport.stream, self.consumer_name
+                    )
+        self._unacked.clear()
+
+    async def _stop_loop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def reconnected(self) -> None:
+        """The link came back: the server forgot our request; it may have lost
+        the consumer too (restart of a memory stream)."""
+        self.stats.reconnects += 1
+        self._heal = True
+        self._request_done.set()
+
+    def lost(self, error: ConnectionLost) -> None:
+        """No server for ``reconnect_timeout``: end with ``error``."""
+        self._fail(error)
+        self._finish()
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def consumer_config(self) -> ConsumerConfig:
+        """The JetStream consumer this subscription reads."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        transport = self.transport
+        start = self.start_at
+        config = ConsumerConfig(filter_subject=transport.subject(self.pattern.text))
+        if start == "new":
+            config.deliver_policy = DeliverPolicy.NEW
+        elif isinstance(start, int) and start > 1:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = start
+        else:
+            config.deliver_policy = DeliverPolicy.ALL
+        if self.durable:
+            config.durable_name = self.consumer_name
+            config.ack_policy = AckPolicy.EXPLICIT
+            config.ack_wait = transport.options.ack_wait
+            # One delivery past the limit, so a consumer that died holding the
+            # event still sees it and can dead-letter it.
+            config.max_deliver = transport.max_deliveries + 1
+        else:
+            config.name = self.consumer_name
+            config.ack_policy = AckPolicy.NONE
+            config.inactive_threshold = transport.options.reconnect_timeout + 30
+        return config
+
+    async def ensure_consumer(self) -> None:
+        """Create the consumer, or check that an existing one follows this pattern.
+
+        A consumer that vanished after we read from it (deleted, or a memory
+        stream lost in a restart) is re-created from the next sequence we have
+        not seen, or from the start when the stream itself is new.
+        """
+        from nats.js.api import DeliverPolicy
+        from nats.js.errors import BadRequestError, NotFoundError
+
+        transport = self.transport
+        js = transport.js
+        for _ in range(3):
+            if self.durable or self._next_seq is not None:
+                try:
+                    info = await js.consumer_info(transport.stream, self.consumer_name)
+                except NotFoundError:
+                    pass
+                else:
+                    self._check_filter(info.config.filter_subject or transport.subjects)
+                    self._seen(info.delivered.stream_seq if info.delivered else 0)
+                    return
+            config = self.consumer_config()
+            if self._next_seq is not None:
+                state = (await js.stream_info(transport.stream)).state
+                if 1 < self._next_seq <= state.last_seq + 1:
+                    config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                    config.opt_start_seq = self._next_seq
+                else:
+                    config.deliver_policy, config.opt_start_seq = DeliverPolicy.ALL, None
+                transport._conn.log_once(
+                    f"vanished:{self.consumer_name}",
+                    "%s: consumer %s was gone; re-created from stream sequence %s",
+                    transport.name,
+                    self.consumer_name,
+                    config.opt_start_seq or 1,
+                )
+            try:
+                info = await js.add_consumer(transport.stream, config)
+            except BadRequestError:
+                continue  # created meanwhile by another member with other settings
+            self._seen(info.delivered.stream_seq if info.delivered else 0)
+            return
+        raise ConfigError(
+            f"cannot create consumer {self.consumer!r} on stream {transport.stream!r}"
+        )
+
+    def _check_filter(self, have: str) -> None:
+        want = self.transport.subject(self.pattern.text)
+        if have != want:
+            raise ConfigError(
+                f"consumer {self.consumer!r} on stream {self.transport.stream!r} already "
+                f"follows {have!r}, not {want!r} (pattern {self.pattern.text!r}); a "
+                "consumer name follows one pattern: use another consumer name, or delete "
+                "the consumer"
+            )
+
+    def _seen(self, seq: int) -> None:
+        if self._next_seq is None or seq >= self._next_seq:
+            self._next_seq = seq + 1
+
+    # -- acknowledgement -------------------------------------------------------
+
+    async def ack(self, event: Event) -> None:
+        """Mark ``event`` processed: the consumer will not deliver it again."""
+        msg = self._unacked.pop(event.offset, None) if event.offset is not None else None
+        if msg is not None:
+            await self._answer(msg.ack())
+        await super().ack(event)
+
+    async def nack(self, event: Event, *, delay: float = 0) -> None:
+        """Deliver ``event`` again after ``delay`` s, or dead-letter it when this
+        was its ``max_deliveries``-th failed delivery."""
+        msg = self._unacked.pop(event.offset, None) if event.offset is not None else None
+        if msg is not None:
+            deliveries = msg.metadata.num_delivered
+            if deliveries >= self.transport.max_deliveries:
+                await self.transport.bury(
+                    self, event, msg, reason=f"nacked {deliveries} times", deliveries=deliveries
+                )
+            else:
+                await self._answer(msg.nak(delay=delay or None))
+        await super().nack(event, delay=delay)
+
+    async def _answer(self, reply: Awaitable[None]) -> None:
+        import nats.errors as nerr
+
+        try:
+            await reply
+        except nerr.ConnectionClosedError:
+            raise self.transport._conn.lost_error() from None
+
+    # -- receiving -------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        transport = self.transport
+        opts = transport.options
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{transport.stream}.{self.consumer_name}"
+        pause = 0.1
+        while not self._closed:
+            nc = transport._conn.nc
+            if self._heal:
+                ok = await transport._try(transport.ensure_stream) and await transport._try(
+                    self.ensure_consumer
+                )
+                if not ok:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 2.0)
+                    continue
+                self._heal, pause = False, 0.1
+            if not nc.is_connected:
+                await self._request_done.wait()  # set on reconnect
+                self._request_done.clear()
+                continue
+            self._request += 1
+            self._remaining = max(1, min(opts.batch, self.buffer_size - len(self._buffer)))
+            self._answered = False
+            self._request_done.clear()
+            request = {"batch": self._remaining, "expires": int(opts.fetch_timeout * 1e9)}
+            try:
+                await nc.publish(
+                    subject, json.dumps(request).encode(), reply=f"{self._reply}.{self._request}"
+                )
+            except Exception as exc:
+                transport._conn.log_once("pull", "%s: pull request failed: %s", self, exc)
+                await asyncio.sleep(pause)
+                continue
+            try:
+                await asyncio.wait_for(self._request_done.wait(), opts.fetch_timeout + _SLACK)
+            except TimeoutError:
+                if self._answered:
+                    # Events are in hand, waiting for room in the buffer.
+                    await self._request_done.wait()
+                elif nc.is_connected:
+                    # Not even a "request expired" answer: the consumer may be gone.
+                    self._heal = True
+
+    async def _on_message(self, msg: Msg) -> None:
+        if not msg.reply:  # a status for one of our requests
+            status = msg.headers.get("Status") if msg.headers else None
+            if msg.subject.rsplit(".", 1)[-1] == str(self._request):
+                self._answered = True
+                if status == "503" or (status == "409" and "deleted" in str(msg.headers).lower()):
+                    self._heal = True
+                if status in _END_OF_REQUEST or status == "503":
+                    self._request_done.set()
+            return
+        self._answered = True
+        try:
+            await self._receive(msg)
+        finally:
+            self._remaining -= 1
+            if self._remaining <= 0:
+                self._request_done.set()
+
+    async def _receive(self, msg: Msg) -> None:
+        if self._closed:
+            if self.durable:
+                await msg.nak()
+            return
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        self._seen(seq)
+        try:
+            event = Event.from_json(msg.data, offset=seq)
+        except PayloadError as exc:
+            await self.transport.bury_malformed(self, msg, str(exc))
+            return
+        if not self.pattern.matches(event.topic):
+            if self.durable:
+                await msg.ack()  # the consumer's filter is wider than the pattern
+            return
+        if self.durable:
+            if meta.num_delivered > self.transport.max_deliveries:
+                await self.transport.bury(
+                    self,
+                    event,
+                    msg,
+                    reason=f"not acked within ack_wait={self.transport.options.ack_wait:g}s",
+                    deliveries=meta.num_delivered - 1,
+                )
+                return
+            if meta.num_delivered > 1:
+                self.stats.redelivered += 1
+            self._unacked[seq] = msg
+        self.stats.lag = meta.num_pending + len(self._buffer) + 1
+        if not await self._put(event) and self.durable:
+            self._unacked.pop(seq, None)
+            await msg.nak()

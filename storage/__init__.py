@@ -1,0 +1,50 @@
+"""Honker storage: transactions that write your rows and publish events in one commit.
+
+>>> store = open_store("app.db")                                   # doctest: +SKIP
+>>> with store.transaction() as tx:                                # doctest: +SKIP
+...     tx.execute("INSERT INTO nodes(id, key) VALUES (?, ?)", (1, "call-1"))
+...     tx.publish("nodes:created", {"keys": ["call-1"]})   # durable stream "events"
+...     tx.notify("cache:invalidate", {"graph": 1})          # live subscribers only
+
+Events exist exactly when the transaction commits; ``honker+durable://app.db``
+and ``honker://app.db`` subscribers in any process see them then. In async
+code use ``async with store.atransaction() as tx`` and ``await tx.execute(...)``.
+
+One database is opened once per path per process (:func:`open_store` shares it
+by reference); all writes go through one writer thread that groups concurrent
+publishes into one commit (see ``docs/decisions/003-honker-group-commit-and-fanout.md``).
+Do not open the same file with Python's ``sqlite3`` (or SQLAlchemy's default
+driver) in the same process: two SQLite libraries in one process break each
+other's file locks. Other processes may use any SQLite client.
+"""
+
+from .retention import PruneCounts, prune
+from .store import DEFAULT_BUSY_TIMEOUT, SharedDatabase, Store, open_store
+from .stores import Stores, check_org_id
+from .transaction import (
+    DEFAULT_STREAM,
+    AsyncStoreTransaction,
+    StoreTransaction,
+    build_event,
+    check_stream_name,
+)
+from .watcher import Watcher
+from .writer import WriterStats
+
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT",
+    "DEFAULT_STREAM",
+    "AsyncStoreTransaction",
+    "PruneCounts",
+    "SharedDatabase",
+    "Store",
+    "StoreTransaction",
+    "Stores",
+    "Watcher",
+    "WriterStats",
+    "build_event",
+    "check_org_id",
+    "check_stream_name",
+    "open_store",
+    "prune",
+]

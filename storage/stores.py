@@ -1,0 +1,74 @@
+"""The databases of one deployment: ``system.db`` and one file per tenant."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+from alkpubsub.errors import ConfigError
+
+from .store import DEFAULT_BUSY_TIMEOUT, Store, open_store
+
+_ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+
+def check_org_id(org_id: str) -> str:
+    """A tenant id must be a safe file-name segment; raise :class:`ConfigError` otherwise."""
+    if not isinstance(org_id, str) or not _ORG_ID.fullmatch(org_id) or ".." in org_id:
+        raise ConfigError(
+            f"tenant id {org_id!r} is not a safe file-name segment: use 1..128 characters of "
+            "[A-Za-z0-9_.-], starting with a letter or digit, without '..'"
+        )
+    return org_id
+
+
+class Stores:
+    """The databases of one deployment under ``root``: ``system.db`` and one
+    ``tenant-<org_id>.db`` per tenant. Handles are opened once and kept until
+    :meth:`close`."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        origin: str | None = None,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._origin = origin
+        self._busy_timeout = busy_timeout
+        self._open: dict[str, Store] = {}
+        self._lock = threading.Lock()
+
+    def system(self) -> Store:
+        """The deployment-wide database, ``<root>/system.db``."""
+        return self._get("system.db")
+
+    def tenant(self, org_id: str) -> Store:
+        """The database of one tenant, ``<root>/tenant-<org_id>.db``."""
+        return self._get(f"tenant-{check_org_id(org_id)}.db")
+
+    def _get(self, name: str) -> Store:
+        with self._lock:
+            store = self._open.get(name)
+            if store is None or store.closed:
+                store = self._open[name] = open_store(
+                    self.root / name, origin=self._origin, busy_timeout=self._busy_timeout
+                )
+            return store
+
+    def close(self) -> None:
+        """Close every handle this object opened."""
+        with self._lock:
+            stores, self._open = list(self._open.values()), {}
+        for store in stores:
+            store.close()
+
+    def __enter__(self) -> Stores:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""Transactions that write rows and publish events in the same commit.
+
+Events are written with the same JSON envelope every transport uses: durable
+events as rows of honker's ``_honker_stream`` (``topic`` column = the stream
+name, ``payload`` = the envelope), ephemeral ones as rows of
+``_honker_notifications`` (``channel`` = the event's topic). Both become
+visible to subscribers exactly when the transaction commits.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from alkpubsub.errors import ConfigError
+from alkpubsub.event import Event
+from alkpubsub.topics import validate_topic
+from alkpubsub.transport import check_headers
+
+if TYPE_CHECKING:
+    from .writer import Session
+
+T = TypeVar("T")
+
+DEFAULT_STREAM = "events"
+INSERT_STREAM = "INSERT INTO _honker_stream (topic, key, payload) VALUES (?, ?, ?)"
+INSERT_NOTIFICATION = "INSERT INTO _honker_notifications (channel, payload) VALUES (?, ?)"
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+Params = Sequence[Any]
+
+
+def check_stream_name(stream: str) -> str:
+    """Stream names are 1..128 characters of ``[A-Za-z0-9_.:-]``; raise :class:`ConfigError`."""
+    if not isinstance(stream, str) or not _STREAM_NAME.fullmatch(stream):
+        raise ConfigError(
+            f"stream={stream!r} must be 1..128 characters of [A-Za-z0-9_.:-]; rename it"
+        )
+    return stream
+
+
+def build_event(
+    topic: str,
+    payload: Any,
+    *,
+    origin: str,
+    headers: dict[str, str] | None = None,
+    key: str | None = None,
+) -> tuple[Event, str]:
+    """A new event and its envelope text, validated like a transport's publish."""
+    validate_topic(topic)
+    if headers:
+        check_headers(headers)
+    event, body = Event.create(topic, payload, origin=origin, headers=headers, key=key)
+    return event, event.envelope(body).decode()
+
+
+class StoreTransaction:
+    """One open write transaction (``with store.transaction() as tx``).
+
+    Everything done through it commits together; an exception rolls all of it
+    back, events included. ``tx.honker`` is honker's own transaction, to pass
+    as ``tx=`` to honker queues and streams.
+    """
+
+    __slots__ = ("honker", "origin")
+
+    def __init__(self, honker_tx: Any, origin: str) -> None:
+        self.honker = honker_tx
+        self.origin = origin
+
+    def execute(self, sql: str, params: Params = ()) -> None:
+        """Run one SQL statement."""
+        self.honker.execute(sql, list(params))
+
+    def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        """Run one SQL statement and return its rows as dicts (sees this transaction's writes)."""
+        rows: list[dict[str, Any]] = self.honker.query(sql, list(params))
+        return rows
+
+    def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        stream: str = DEFAULT_STREAM,
+        headers: dict[str, str] | None = None,
+        key: str | None = None,
+    ) -> Event:
+        """Append a durable event to ``stream`` (read by ``honker+durable://...?stream=``).
+        Returns the event with its ``offset``."""
+        check_stream_name(stream)
+        event, text = build_event(topic, payload, origin=self.origin, headers=headers, key=key)
+        return event.with_offset(self.append(stream, key, text))
+
+    def notify(self, topic: str, payload: Any, *, headers: dict[str, str] | None = None) -> Event:
+        """Publish an ephemeral event to live ``honker://`` subscribers of ``topic``."""
+        event, text = build_event(topic, payload, origin=self.origin, headers=headers)
+        self.honker.execute(INSERT_NOTIFICATION, [topic, text])
+        return event
+
+    def append(self, stream: str, key: str | None, text: str) -> int:
+        """Append an already encoded envelope to ``stream``; return its offset."""
+        rows = self.honker.query(INSERT_STREAM + " RETURNING offset", [stream, key, text])
+        return int(rows[0]["offset"])
+
+
+class AsyncStoreTransaction:
+    """``async with store.atransaction() as tx``: the same operations as
+    :class:`StoreTransaction`, awaited. The SQL runs on the database's writer
+    thread, which holds the transaction open until the block ends; the event
+    loop never waits on SQLite.
+
+    Do not await a transport's ``publish`` on the same database inside the
+    block: the writer is busy with this transaction, so that publish would wait
+    for it forever. Use ``tx.publish`` / ``tx.notify`` instead.
+    """
+
+    __slots__ = ("_session", "origin")
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.origin = session.origin
+
+    async def run(self, fn: Callable[[StoreTransaction], T]) -> T:
+        """Run ``fn(tx)`` on the writer thread inside this transaction (several
+        statements for the price of one hop)."""
+        result: T = await self._session.run(fn)
+        return result
+
+    async def execute(self, sql: str, params: Params = ()) -> None:
+        """Run one SQL statement."""
+        await self.run(lambda tx: tx.execute(sql, params))
+
+    async def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
+        """Run one SQL statement and return its rows as dicts."""
+        return await self.run(lambda tx: tx.query(sql, params))
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        stream: str = DEFAULT_STREAM,
+        headers: dict[str, str] | None = None,
+        key: str | None = None,
+    ) -> Event:
+        """Append a durable event to ``stream``; see :meth:`StoreTransaction.publish`."""
+        check_stream_name(stream)
+        event, text = build_event(topic, payload, origin=self.origin, headers=headers, key=key)
+        offset = await self.run(lambda tx: tx.append(stream, key, text))
+        return event.with_offset(offset)
+
+    async def notify(
+        self, topic: str, payload: Any, *, headers: dict[str, str] | None = None
+    ) -> Event:
+        """Publish an ephemeral event; see :meth:`StoreTransaction.notify`."""
+        event, text = build_event(topic, payload, origin=self.origin, headers=headers)
+        await self.run(lambda tx: tx.honker.execute(INSERT_NOTIFICATION, [topic, text]))
+        return event

@@ -1,0 +1,267 @@
+"""The Honker durable transport's own behaviours (the shared ones are in
+test_conformance_honker.py): transactional publish, options, position saving,
+pattern skips, malformed rows, and crash cases with real processes killed by
+SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import alkpubsub
+from alkpubsub import ConfigError, ConsumerBusy, Event, Settings
+from alkpubsub.conformance import collect, collect_acking, nothing_more
+from alkpubsub.transports.honker_durable import HonkerDurableTransport, from_url
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"honker+durable://{tmp_path}/events.db"
+
+
+async def durable(url: str) -> HonkerDurableTransport:
+    transport = await alkpubsub.connect(url)
+    assert isinstance(transport, HonkerDurableTransport)
+    return transport
+
+
+async def test_store_publish_is_delivered_exactly_when_the_transaction_commits(
+    url: str,
+) -> None:
+    transport = await durable(url)
+    store = transport.store
+    async with transport.subscribe("nodes:*", consumer="indexer") as sub:
+        with pytest.raises(RuntimeError), store.transaction() as tx:
+            tx.publish("nodes:created", {"id": "rolled back"})
+            raise RuntimeError("abort")
+        async with store.atransaction() as atx:
+            sent = await atx.publish("nodes:created", {"id": 1})
+            await nothing_more(sub, 0.2)  # written, not yet committed: invisible
+        [got] = await collect_acking(sub, 1)
+        await nothing_more(sub)
+    assert got.id == sent.id and got.offset == sent.offset
+    await transport.close()
+
+
+def test_options_come_from_the_url_and_settings() -> None:
+    default = from_url("honker+durable:///tmp/x.db")
+    assert (default.stream, default.max_deliveries, default.consumer_ttl) == ("events", 5, 30)
+    tuned = from_url(
+        "honker+durable:///tmp/x.db?stream=audit&max_deliveries=3&consumer_ttl=10&read_batch=64"
+    )
+    assert (tuned.stream, tuned.max_deliveries, tuned.consumer_ttl, tuned.read_batch) == (
+        "audit",
+        3,
+        10,
+        64,
+    )
+    # Settings.max_deliveries applies unless the URL says otherwise.
+    settings = Settings.load(max_deliveries=7)
+    assert from_url("honker+durable:///tmp/x.db", settings).max_deliveries == 7
+    assert from_url("honker+durable:///tmp/x.db?max_deliveries=2", settings).max_deliveries == 2
+
+
+@pytest.mark.parametrize(
+    "query", ["stream=no%20spaces", "max_deliveries=0", "consumer_ttl=1", "nope=1"]
+)
+def test_bad_options_are_refused(query: str) -> None:
+    with pytest.raises(ConfigError):
+        from_url(f"honker+durable:///tmp/x.db?{query}")
+
+
+async def test_idle_consumer_persists_its_last_ack_promptly(url: str) -> None:
+    transport = await durable(url)
+    async with transport.subscribe("jobs", consumer="worker") as sub:
+        sent = [await transport.publish("jobs", i) for i in range(3)]
+        await collect_acking(sub, 3)
+        # No further event arrives and the subscription stays open: the last ack
+        # must still reach the database, not wait for the next event.
+        for _ in range(500):
+            if transport.store.consumer_offsets().get("worker") == sent[-1].offset:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail(f"position not saved within 5 s: {transport.store.consumer_offsets()}")
+    await transport.close()
+
+
+async def test_rows_of_other_topics_advance_the_position_silently(url: str) -> None:
+    transport = await durable(url)
+    async with transport.subscribe("a:*", consumer="worker") as sub:
+        await transport.publish("b", 0)
+        wanted = await transport.publish("a:1", 1)
+        await transport.publish("b", 2)
+        last = await transport.publish("b", 3)
+        [got] = await collect_acking(sub, 1)
+        await nothing_more(sub)
+    assert got.id == wanted.id
+    # Closing saved the position past the skipped rows after the acked one.
+    assert transport.store.consumer_offsets() == {"worker": last.offset}
+    await transport.close()
+
+
+async def test_malformed_row_is_counted_dead_lettered_and_skipped(url: str) -> None:
+    transport = await durable(url)
+    broken = '{"id":"x","topic":"jobs:a","headers":{}, "payload": oops}'
+    async with (
+        transport.subscribe("jobs:*", consumer="worker") as sub,
+        transport.subscribe("jobs:a:dead", consumer="janitor") as dead,
+    ):
+        with transport.store.transaction() as tx:
+            tx.execute(
+                "INSERT INTO _honker_stream (topic, key, payload) VALUES ('events', NULL, ?)",
+                [broken],
+            )
+        good = await transport.publish("jobs:a", "fine")
+        [got] = await collect_acking(sub, 1)
+        [buried] = await collect_acking(dead, 1)
+    assert got.id == good.id
+    assert sub.stats.malformed == 1 and sub.stats.dead_lettered == 1
+    assert buried.payload == broken
+    assert buried.headers["x-dead-reason"].startswith("malformed envelope")
+    assert buried.headers["x-original-topic"] == "jobs:a"
+    await transport.close()
+
+
+async def test_anonymous_subscription_keeps_no_position(url: str) -> None:
+    transport = await durable(url)
+    first = await transport.publish("t", 0)
+    assert first.offset is not None
+    async with transport.subscribe("t", start=first.offset) as sub:
+        [got] = await collect(sub, 1)
+        await sub.ack(got)
+    assert got.id == first.id
+    assert transport.store.consumer_offsets() == {}
+    await transport.close()
+
+
+# -- crashes: real processes, killed with SIGKILL -------------------------------------
+
+HOLDER = """
+import asyncio, sys, alkpubsub
+async def main():
+    t = await alkpubsub.connect(sys.argv[1])
+    sub = t.subscribe("jobs", consumer="worker")
+    await sub.start()
+    print("holding", flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+WORKER = """
+import asyncio, sys, alkpubsub
+async def main():
+    t = await alkpubsub.connect(sys.argv[1])
+    async with t.subscribe("jobs", consumer="worker", start="earliest") as sub:
+        saved = 0
+        async for event in sub:
+            print("got", event.offset, flush=True)
+            await asyncio.sleep(0.002)  # "work"
+            await sub.ack(event)
+            print("acked", event.offset, flush=True)
+            if sub.saved_position != saved:
+                saved = sub.saved_position
+                print("saved", saved, flush=True)
+asyncio.run(main())
+"""
+
+BATCHER = """
+import asyncio, sys, alkpubsub
+async def main():
+    t = await alkpubsub.connect(sys.argv[1])
+    b = 0
+    while True:
+        await t.publish_many([("batch", {"b": b, "i": i}) for i in range(50)])
+        print(b, flush=True)
+        b += 1
+asyncio.run(main())
+"""
+
+
+async def spawn(code: str, url: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, url, stdout=subprocess.PIPE
+    )
+
+
+async def read_until(child: asyncio.subprocess.Process, done: object) -> list[str]:
+    """Lines from ``child`` until ``done(lines)`` is true."""
+    assert child.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(30):
+        while not done(lines):  # type: ignore[operator]
+            line = await child.stdout.readline()
+            assert line, f"child ended early after {lines[-3:]}"
+            lines.append(line.decode().strip())
+    return lines
+
+
+async def test_consumer_name_is_busy_across_processes_until_its_holder_dies(url: str) -> None:
+    transport = await durable(url)
+    child = await spawn(HOLDER, url)
+    await read_until(child, lambda lines: lines == ["holding"])
+    with pytest.raises(ConsumerBusy, match=f"'worker'.*process {child.pid}"):
+        await transport.subscribe("jobs", consumer="worker").start()
+    child.kill()
+    await child.wait()
+    # The holder's pid is gone: its lease is taken over at once, not after the TTL.
+    async with transport.subscribe("jobs", consumer="worker") as sub:
+        sent = await transport.publish("jobs", "after")
+        [got] = await collect_acking(sub, 1)
+    assert got.id == sent.id
+    await transport.close()
+
+
+async def test_consumer_killed_mid_stream_resumes_without_loss(url: str) -> None:
+    transport = await durable(url)
+    sent = await transport.publish_many([("jobs", i) for i in range(300)])
+    offsets = [e.offset for e in sent if e.offset is not None]
+    assert len(offsets) == 300
+    child = await spawn(WORKER, url)
+    lines = await read_until(child, lambda ls: sum(x.startswith("acked") for x in ls) >= 100)
+    child.kill()  # SIGKILL: no cleanup, no final save
+    out, _ = await child.communicate()
+    lines += out.decode().splitlines()
+    acked = {int(x.split()[1]) for x in lines if x.startswith("acked")}
+    seen_saved = max((int(x.split()[1]) for x in lines if x.startswith("saved")), default=0)
+    saved = transport.store.consumer_offsets()["worker"]
+    assert seen_saved <= saved < offsets[-1]
+
+    # A restart of the consumer (here, in this process) continues after the saved position.
+    pending = [o for o in offsets if o > saved]
+    async with transport.subscribe("jobs", consumer="worker") as sub:
+        rest = await collect_acking(sub, len(pending))
+        await nothing_more(sub)
+    assert [e.offset for e in rest] == pending  # nothing lost, in order
+    assert all(o in acked for o in offsets if o <= saved)
+    # Redelivered after the crash: only events acked after the last save that
+    # completed (the documented window), never one acked before it.
+    redelivered = acked & set(pending)
+    assert all(o > seen_saved for o in redelivered)
+    await transport.close()
+
+
+async def test_publisher_killed_mid_batch_leaves_only_whole_batches(url: str) -> None:
+    child = await spawn(BATCHER, url)
+    lines = await read_until(child, lambda ls: len(ls) >= 20)
+    child.kill()
+    out, _ = await child.communicate()
+    reported = {int(x) for x in lines + out.decode().split()}
+
+    transport = await durable(url)
+    rows = transport.store.honker.query(
+        "SELECT offset, payload FROM _honker_stream WHERE topic = 'events' ORDER BY offset"
+    )
+    events = [Event.from_json(r["payload"]) for r in rows]  # every row is whole
+    batches: dict[int, list[int]] = {}
+    for event in events:
+        batches.setdefault(event.payload["b"], []).append(event.payload["i"])
+    # Each publish_many of 50 is one commit: all 50 rows or none, in order.
+    assert all(items == list(range(50)) for items in batches.values())
+    assert reported <= set(batches)
+    assert sorted(batches) == list(range(len(batches)))
+    await transport.close()

@@ -1,0 +1,380 @@
+"""The Honker storage layer: transactions that publish, shared databases, retention,
+the group-commit writer. Real SQLite files through honker; no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from alkpubsub import Closed, ConfigError, Event, InvalidTopic, PayloadError, PubSubError
+from alkpubsub.errors import PublishError
+from alkpubsub.storage import Store, Stores, open_store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = open_store(tmp_path / "app.db")
+    with opened.transaction() as tx:
+        tx.execute("CREATE TABLE nodes (id INTEGER PRIMARY KEY, key TEXT NOT NULL)")
+    yield opened
+    opened.close()
+
+
+def count(store: Store, sql: str, params: list[object] | None = None) -> int:
+    return int(store.honker.query(sql, params or [])[0]["n"])
+
+
+def stream_events(store: Store, stream: str = "events") -> list[Event]:
+    rows = store.honker.query(
+        "SELECT offset, payload FROM _honker_stream WHERE topic = ? ORDER BY offset", [stream]
+    )
+    return [Event.from_json(r["payload"], offset=r["offset"]) for r in rows]
+
+
+# -- transactions ---------------------------------------------------------------
+
+
+def test_transaction_commits_rows_and_events_together(store: Store) -> None:
+    with store.transaction() as tx:
+        tx.execute("INSERT INTO nodes (id, key) VALUES (?, ?)", (1, "call-1"))
+        published = tx.publish("nodes:created", {"keys": ["call-1"]}, headers={"trace": "t1"})
+        notified = tx.notify("cache:invalidate", {"graph": 1})
+        # The transaction sees its own writes before it commits.
+        assert tx.query("SELECT key FROM nodes") == [{"key": "call-1"}]
+
+    assert count(store, "SELECT COUNT(*) AS n FROM nodes") == 1
+    [stored] = stream_events(store)
+    assert stored.id == published.id and stored.offset == published.offset
+    assert stored.payload == {"keys": ["call-1"]} and stored.headers == {"trace": "t1"}
+    assert stored.origin == store.origin
+    [note] = store.honker.query("SELECT channel, payload FROM _honker_notifications")
+    assert note["channel"] == "cache:invalidate"
+    assert Event.from_json(note["payload"]).id == notified.id
+
+
+def test_rollback_leaves_no_row_and_no_event(store: Store) -> None:
+    with pytest.raises(ValueError, match="business rule"), store.transaction() as tx:
+        tx.execute("INSERT INTO nodes (id, key) VALUES (?, ?)", (1, "call-1"))
+        tx.publish("nodes:created", {"keys": ["call-1"]})
+        tx.notify("cache:invalidate", {"graph": 1})
+        raise ValueError("business rule broken")
+
+    assert count(store, "SELECT COUNT(*) AS n FROM nodes") == 0
+    assert count(store, "SELECT COUNT(*) AS n FROM _honker_stream") == 0
+    assert count(store, "SELECT COUNT(*) AS n FROM _honker_notifications") == 0
+
+
+def test_transaction_validates_topics_payloads_and_stream_names(store: Store) -> None:
+    with store.transaction() as tx:
+        with pytest.raises(InvalidTopic):
+            tx.publish("bad topic", 1)
+        with pytest.raises(PayloadError):
+            tx.notify("ok", object())
+        with pytest.raises(ConfigError, match="stream"):
+            tx.publish("ok", 1, stream="no spaces")
+        tx.publish("ok", 1, stream="audit")
+    # The refused calls wrote nothing; the good one landed in its own stream.
+    assert [e.payload for e in stream_events(store, "audit")] == [1]
+    assert stream_events(store) == []
+
+
+async def test_atransaction_commits_and_rolls_back_off_the_event_loop(store: Store) -> None:
+    async with store.atransaction() as tx:
+        await tx.execute("INSERT INTO nodes (id, key) VALUES (?, ?)", (1, "a"))
+        event = await tx.publish("nodes:created", {"id": 1})
+        # The SQL runs on the database's writer thread, never on the loop's thread.
+        where = await tx.run(lambda _tx: threading.current_thread().name)
+        assert where.startswith("alkpubsub-writer")
+        assert await tx.query("SELECT COUNT(*) AS n FROM nodes") == [{"n": 1}]
+    assert [e.id for e in stream_events(store)] == [event.id]
+
+    with pytest.raises(RuntimeError, match="undo"):
+        async with store.atransaction() as tx:
+            await tx.execute("INSERT INTO nodes (id, key) VALUES (?, ?)", (2, "b"))
+            await tx.notify("cache:invalidate", {})
+            raise RuntimeError("undo")
+    assert count(store, "SELECT COUNT(*) AS n FROM nodes") == 1
+    assert count(store, "SELECT COUNT(*) AS n FROM _honker_notifications") == 0
+
+
+async def test_sql_error_inside_atransaction_can_be_caught_and_the_rest_commits(
+    store: Store,
+) -> None:
+    async with store.atransaction() as tx:
+        with pytest.raises(RuntimeError, match="no such table"):
+            await tx.execute("INSERT INTO missing (x) VALUES (1)")
+        await tx.execute("INSERT INTO nodes (id, key) VALUES (?, ?)", (1, "kept"))
+    assert count(store, "SELECT COUNT(*) AS n FROM nodes") == 1
+
+
+async def test_writing_through_the_writer_inside_an_open_transaction_is_refused(
+    store: Store,
+) -> None:
+    # The writer is busy with the open transaction: such a write would wait for
+    # itself forever, so it is refused at once with a message saying what to do.
+    async with store.atransaction():
+        with pytest.raises(PubSubError, match=r"tx\.publish"):
+            await store.append("events", [(None, "{}")])
+    with store.transaction():
+        with pytest.raises(PubSubError, match=r"tx\.publish"):
+            await store.notify_many([("a", "{}")])
+        with pytest.raises(PubSubError, match="nested"), store.transaction():
+            pass
+
+
+# -- one database per path ------------------------------------------------------
+
+
+def test_open_store_shares_one_database_per_resolved_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.db").symlink_to(tmp_path / "app.db")
+    first = open_store(tmp_path / "app.db")
+    second = open_store("./app.db")
+    third = open_store("link.db")
+    assert first.honker is second.honker is third.honker
+    assert first.path == str(tmp_path / "app.db")
+    first.close()
+    first.close()  # idempotent: releases one reference, once
+    # The others still work: the database closes with its last handle.
+    with second.transaction() as tx:
+        tx.publish("still:open", 1)
+    second.close()
+    with third.transaction() as tx:
+        tx.publish("still:open", 2)
+    third.close()
+    again = open_store(tmp_path / "app.db")
+    assert again.honker is not second.shared.db
+    assert len(stream_events(again)) == 2
+    again.close()
+
+
+def test_closed_store_refuses_use(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "app.db")
+    store.close()
+    with pytest.raises(Closed), store.transaction():
+        pass
+    with pytest.raises(Closed):
+        store.honker  # noqa: B018
+
+
+@pytest.mark.parametrize("bad", [":memory:", "", "file:app.db?mode=memory"])
+def test_memory_databases_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="file"):
+        open_store(bad)
+
+
+def test_missing_directory_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist; create it"):
+        open_store(tmp_path / "nowhere" / "app.db")
+
+
+# -- Stores ---------------------------------------------------------------------
+
+
+def test_stores_open_system_and_tenant_files_once(tmp_path: Path) -> None:
+    with Stores(tmp_path / "data") as stores:
+        system = stores.system()
+        tenant = stores.tenant("org-42")
+        assert system.path == str(tmp_path / "data" / "system.db")
+        assert tenant.path == str(tmp_path / "data" / "tenant-org-42.db")
+        assert stores.tenant("org-42") is tenant
+        assert stores.tenant("A_b.c" + "x" * 123).path.endswith("x.db")  # 128 characters
+    assert system.closed and tenant.closed
+
+
+@pytest.mark.parametrize(
+    "org_id",
+    [
+        "",
+        "..",
+        "../etc",
+        "a/b",
+        "a\\b",
+        "a\x00b",
+        ".hidden",
+        "-flag",
+        "a b",
+        "a..b",
+        "ü",
+        "x" * 129,
+    ],
+)
+def test_unsafe_tenant_ids_are_refused(tmp_path: Path, org_id: str) -> None:
+    with Stores(tmp_path) as stores, pytest.raises(ConfigError, match="tenant id"):
+        stores.tenant(org_id)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# -- retention --------------------------------------------------------------------
+
+
+def publish_n(store: Store, n: int, stream: str = "events") -> list[Event]:
+    with store.transaction() as tx:
+        return [tx.publish("t", i, stream=stream) for i in range(n)]
+
+
+def test_prune_keeps_the_newest_rows_per_stream(store: Store) -> None:
+    publish_n(store, 10)
+    publish_n(store, 4, stream="audit")
+    with store.transaction() as tx:
+        for i in range(6):
+            tx.notify("n", i)
+    counts = store.prune(keep_last=3)
+    # 7 of 10 "events" rows, 1 of 4 "audit" rows, 3 of 6 notifications go.
+    assert counts.stream_rows == {"events": 7, "audit": 1}
+    assert counts.notifications == 3
+    assert counts.total == 11
+    assert [e.payload for e in stream_events(store)] == [7, 8, 9]
+    assert [e.payload for e in stream_events(store, "audit")] == [1, 2, 3]
+
+
+def test_prune_by_age_deletes_only_older_rows(store: Store) -> None:
+    old = publish_n(store, 5)
+    publish_n(store, 2)
+    with store.transaction() as tx:  # back-date the first five by an hour
+        tx.execute(
+            "UPDATE _honker_stream SET created_at = created_at - 3600 WHERE offset <= ?",
+            [old[-1].offset],
+        )
+    assert store.prune(older_than=600).stream_rows == {"events": 5}
+    assert len(stream_events(store)) == 2
+
+
+def test_prune_never_passes_the_slowest_consumer_unless_forced(store: Store) -> None:
+    events = publish_n(store, 10)
+    with store.transaction() as tx:
+        for name, position in (("fast", events[8].offset), ("slow", events[3].offset)):
+            tx.query("SELECT honker_stream_save_offset(?, 'events', ?)", [name, position])
+    counts = store.prune(keep_last=0)
+    # "slow" has consumed the first four events: only those may go.
+    assert counts.stream_rows == {"events": 4}
+    assert counts.kept_for_consumers == {"events": events[3].offset}
+    assert [e.payload for e in stream_events(store)] == list(range(4, 10))
+    assert store.stream_head() == events[-1].offset
+    assert store.prune(keep_last=0, force=True).stream_rows == {"events": 6}
+    assert store.remove_consumer("slow") is True
+    assert store.consumer_offsets() == {"fast": events[8].offset}
+
+
+async def test_aprune_runs_on_the_writer(store: Store) -> None:
+    publish_n(store, 3)
+    assert (await store.aprune(keep_last=1)).stream_rows == {"events": 2}
+
+
+def test_prune_needs_a_rule(store: Store) -> None:
+    with pytest.raises(ConfigError, match="older_than"):
+        store.prune()
+    with pytest.raises(ConfigError, match="keep_last"):
+        store.prune(keep_last=-1)
+
+
+# -- the group-commit writer --------------------------------------------------------
+
+
+async def test_concurrent_publishes_share_one_commit(store: Store) -> None:
+    before = store.writer_stats.commits
+    # Eight publishers queue their rows in the same loop turn: one commit takes all.
+    results = await asyncio.gather(
+        *(store.append("events", [(None, f'{{"n":{i}}}')]) for i in range(8))
+    )
+    offsets = [o for [o] in results]
+    assert store.writer_stats.commits - before == 1
+    assert offsets == list(range(offsets[0], offsets[0] + 8))  # in submission order
+
+
+async def test_a_failing_write_fails_alone(store: Store) -> None:
+    async def broken() -> None:
+        await store.write(lambda tx: tx.execute("INSERT INTO missing (x) VALUES (1)"))
+
+    outcome = await asyncio.gather(
+        store.append("events", [(None, "{}")]),
+        broken(),
+        store.append("events", [(None, "{}")]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcome[1], RuntimeError) and "no such table" in str(outcome[1])
+    assert isinstance(outcome[0], list) and isinstance(outcome[2], list)
+    assert count(store, "SELECT COUNT(*) AS n FROM _honker_stream") == 2
+    assert store.writer_stats.failed_jobs == 1
+
+
+async def test_large_batches_commit_on_the_writer_thread(store: Store) -> None:
+    rows = [(None, f'{{"n":{i}}}') for i in range(500)]
+    offsets = await store.append("events", rows)
+    assert len(offsets) == 500 and offsets == sorted(set(offsets))
+    # 500 rows exceed the event loop's inline limit (32): the thread committed them.
+    assert store.writer_stats.commits - store.writer_stats.inline_commits >= 1
+
+
+HOLD_LOCK = """
+import sys, time
+from alkpubsub.storage import open_store
+store = open_store(sys.argv[1])
+with store.transaction() as tx:
+    tx.execute("INSERT INTO nodes (key) VALUES ('from child')")
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+store.close()
+"""
+
+
+async def hold_write_lock(path: str, seconds: float) -> asyncio.subprocess.Process:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LOCK, path, str(seconds), stdout=subprocess.PIPE
+    )
+    assert child.stdout is not None
+    assert await child.stdout.readline() == b"held\n"
+    return child
+
+
+async def test_waiting_for_another_process_does_not_block_the_event_loop(
+    store: Store,
+) -> None:
+    child = await hold_write_lock(store.path, 0.6)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        [offset] = await store.append("events", [(None, "{}")])
+    finally:
+        ticker.cancel()
+    await child.wait()
+    # The publish waited ~0.6 s for the child's transaction; meanwhile the loop ran
+    # the 10 ms ticker (a blocked loop would have let it tick at most once).
+    assert ticks >= 10
+    assert offset >= 1
+    assert count(store, "SELECT COUNT(*) AS n FROM nodes") == 1
+
+
+async def test_a_write_gives_up_after_busy_timeout(tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.db")
+    with open_store(path) as setup, setup.transaction() as tx:
+        tx.execute("CREATE TABLE nodes (id INTEGER PRIMARY KEY, key TEXT)")
+    impatient = open_store(path, busy_timeout=0.2)
+    child = await hold_write_lock(path, 1.5)
+    try:
+        with pytest.raises(PublishError, match="busy_timeout"):
+            await impatient.append("events", [(None, "{}")])
+    finally:
+        impatient.close()
+        await child.wait()
+    assert child.returncode == 0
+
+
+def test_the_lock_sidecar_sits_next_to_the_database(store: Store) -> None:
+    assert os.path.exists(store.path + "-alkpubsub.lock")

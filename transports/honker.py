@@ -1,0 +1,113 @@
+"""Honker ephemeral transport: live events through a SQLite file (notify/listen).
+
+Features
+    persistent: no   replay: no   ordered: yes   wildcards: yes
+    cross_process: yes (any process on this host that opens the same file)
+    transactional_publish: yes (``store.transaction()`` ``tx.notify``)
+    competing consumers: no   dead letter: no
+    Each publish inserts a row into honker's ``_honker_notifications`` (channel
+    = topic, payload = the JSON envelope); subscribers see it when it commits.
+    Like NOTIFY/LISTEN: live only, at most once, no replay. A subscription
+    receives every event committed after ``__aenter__`` returned and none
+    before. Concurrent publishes share one commit (group commit); a slow
+    subscriber's full buffer drops its oldest event (``stats.dropped``).
+    One wake-up watcher and one read per commit serve every subscription on
+    the file in this process (see ``alkpubsub.storage``).
+
+    Notifications are not pruned automatically: schedule
+    ``transport.store.prune(older_than=...)`` (or honker's
+    ``prune_notifications``) in long-running deployments.
+
+Connection String
+    ``honker:///abs/path/events.db``   an absolute path
+    ``honker:///./events.db``          relative to the working directory
+    ``honker://./events.db``           the same, without the third slash
+    The file is created if missing; its directory must exist.
+
+Transport Options
+    none (``Settings.origin`` sets the origin stamped on published events)
+"""
+
+from __future__ import annotations
+
+from alkpubsub.capabilities import Capabilities, Start
+from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
+from alkpubsub.event import Event
+from alkpubsub.storage import Store, Watcher
+from alkpubsub.transport import BaseTransport, Subscription
+
+from ._honker_common import StoreHolder, database_path
+
+
+class HonkerSubscription(Subscription):
+    """A live subscription fed by the database's shared watcher."""
+
+    transport: HonkerTransport
+    after_id: int = 0
+    _watcher: Watcher | None = None
+
+    async def _open(self) -> None:
+        store = await self.transport._holder.get()
+        self._watcher = store.watcher()
+        self._watcher.add_listener(self)
+
+    async def _shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.remove_listener(self)
+            self._watcher = None
+
+    def _malformed(self, detail: str) -> None:
+        self.transport.report_malformed(self, "envelope", detail)
+
+
+class HonkerTransport(BaseTransport):
+    """Live publish/subscribe through a Honker (SQLite) file."""
+
+    capabilities = Capabilities(
+        ordered=True, wildcards=True, cross_process=True, transactional_publish=True
+    )
+
+    def __init__(self, path: str, *, origin: str | None = None) -> None:
+        super().__init__(origin=origin)
+        self.name = f"honker://{path}" if path.startswith("/") else f"honker:///{path}"
+        self._holder = StoreHolder(path, self.origin)
+
+    async def connect(self) -> None:
+        """Open the database file (shared with every transport on it in this process)."""
+        self._check_open()
+        await self._holder.get()
+
+    @property
+    def store(self) -> Store:
+        """The storage handle on this file: ``transport.store.transaction()`` publishes
+        with this transport's origin."""
+        return self._holder.store or self._holder.open_now()
+
+    async def _publish(self, event: Event, body: bytes) -> Event:
+        store = self._holder.store or await self._holder.get()
+        await store.notify_many([(event.topic, event.envelope(body).decode())])
+        return event
+
+    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+        store = self._holder.store or await self._holder.get()
+        await store.notify_many([(e.topic, e.envelope(b).decode()) for e, b in batch])
+        return [event for event, _ in batch]
+
+    def _subscription(
+        self, pattern: str, *, consumer: str | None, start: Start, buffer: int
+    ) -> Subscription:
+        return HonkerSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
+
+    async def _close(self) -> None:
+        self._holder.close()
+
+
+class _Options(TransportOptions):
+    pass
+
+
+def from_url(url: str, settings: Settings | None = None) -> HonkerTransport:
+    """Build a transport from ``honker:///path/events.db`` (see the module docstring)."""
+    parsed = parse_url(url)
+    parse_options(_Options, parsed, settings)
+    return HonkerTransport(database_path(parsed), origin=settings.origin if settings else None)

@@ -1,0 +1,416 @@
+"""Honker durable transport: a persistent event log in a SQLite file (honker streams).
+
+Features
+    persistent: yes   replay: yes (``start="earliest"`` or an offset)   ordered: yes
+    consumer_offsets: yes   dead_letter: yes   wildcards: yes   cross_process: yes
+    transactional_publish: yes (``store.transaction()`` ``tx.publish``)
+    competing consumers: no: a second live subscription with the same consumer
+    name, in this process or another, is refused with ``ConsumerBusy``.
+
+    All topics share one honker stream (``_honker_stream.topic`` = the stream
+    name); each row's payload is the event's JSON envelope and its offset is
+    ``event.offset``. A subscription reads rows after its position through
+    honker's reader pool, skips topics its pattern does not match, and pauses
+    while its buffer is full (backpressure, nothing dropped). Reads are woken by
+    the database's shared watcher on every commit, from any process.
+
+    A named ``consumer`` keeps its position in honker's ``_honker_stream_consumers``
+    (the highest offset below which every event was acked or skipped) and resumes
+    after it: at least once. ``start`` applies only to a consumer with no saved
+    position; the position is saved when the name is first claimed. Without a
+    consumer name a subscription starts at ``start`` and keeps no position.
+
+    ``nack(event, delay=)`` delivers the event again after ``delay`` seconds; after
+    ``max_deliveries`` deliveries it is appended to ``<topic>:dead`` with headers
+    ``x-dead-reason``, ``x-deliveries``, ``x-original-id``, ``x-original-topic``,
+    ``x-original-offset`` and ``x-consumer``, and counts as acked. Delivery counts
+    live in memory: a restart starts counting again.
+
+    Redelivery window: acks are saved by the writer right after they happen (at
+    most one save per consumer in flight, later acks coalesced into the next).
+    After a crash, exactly the unacked events and the events acked after the
+    last completed save are delivered again: in practice the last few
+    milliseconds of acks. Closing a subscription saves its position first.
+
+Connection String
+    ``honker+durable:///abs/path/events.db?stream=events``
+    ``honker+durable:///./events.db`` (relative to the working directory; also
+    ``honker+durable://./events.db``). The file is created if missing.
+
+Transport Options
+    stream          events   honker stream holding the events; ``tx.publish(stream=)`` writes it
+    max_deliveries  5        deliveries before an event goes to ``<topic>:dead``
+                             (default from ``Settings.max_deliveries``)
+    consumer_ttl    30       seconds a consumer name's lease lasts without renewal (the
+                             longest a name stays taken after its holder crashed on
+                             another host or container; a crashed local process frees it at once)
+    read_batch      128      rows per read query
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from alkpubsub.capabilities import Capabilities, Start
+from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
+from alkpubsub.errors import ConnectionLost, ConsumerBusy, PayloadError
+from alkpubsub.event import Event
+from alkpubsub.storage import DEFAULT_STREAM, Store, Watcher, check_stream_name
+from alkpubsub.transport import BaseTransport, Subscription
+
+from ._honker_common import (
+    SELECT_ROWS,
+    ConsumerLease,
+    StoreHolder,
+    database_path,
+    dead_letter,
+    envelope_topic,
+    place_offset,
+    start_position,
+)
+
+log = logging.getLogger("alkpubsub")
+
+
+class HonkerDurableSubscription(Subscription):
+    """Reads the stream from its own position; see the module docstring."""
+
+    transport: HonkerDurableTransport
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pos = 0  # every row up to here was read
+        self._order: deque[int] = deque()  # unacked delivered offsets, oldest first
+        self._acked: dict[int, bool] = {}  # offset -> acked, for those in _order
+        self._deliveries: dict[int, int] = {}
+        self._ready: deque[Event] = deque()  # nacked events due again
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._signal = asyncio.Event()
+        self._lease: ConsumerLease | None = None
+        self._saved = 0
+        self._saving: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watcher: Watcher | None = None
+        self._store: Store | None = None
+
+    @property
+    def position(self) -> int:
+        """The highest offset below which everything was acked or skipped."""
+        return self._order[0] - 1 if self._order else self._pos
+
+    @property
+    def saved_position(self) -> int:
+        """The position last saved for a named consumer (0 without one)."""
+        return self._saved
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def _open(self) -> None:
+        transport = self.transport
+        store = self._store = await transport._holder.get()
+        if self.consumer is not None:
+            lease = ConsumerLease(store, transport.stream, self.consumer, transport.consumer_ttl)
+            self._pos = self._saved = await lease.claim(self.start_at)
+            self._lease = lease
+        else:
+            self._pos = start_position(store.honker.query, transport.stream, self.start_at)
+        try:
+            self._watcher = store.watcher()
+        except BaseException:
+            if self._lease is not None:
+                await self._lease.release(self._pos)
+            raise
+        self._watcher.add_reader(self)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._read_loop(), name=f"alkpubsub-read:{self}"))
+        if self._lease is not None:
+            self._tasks.append(loop.create_task(self._keep_lease(), name=f"alkpubsub-lease:{self}"))
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._watcher is not None:
+            self._watcher.remove_reader(self)
+            self._watcher = None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            if self._saving is not None:
+                await asyncio.gather(self._saving, return_exceptions=True)
+            try:
+                await lease.release(self.position)
+                self._saved = max(self._saved, self.position)
+            except Exception as exc:
+                log.warning("%s: could not save position on close: %s", self, exc)
+
+    def wake(self) -> None:
+        """Called by the watcher on every commit."""
+        self._signal.set()
+
+    # -- reading -----------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            await self._read()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("%s: reader stopped: %s", self, exc)
+            self._fail(ConnectionLost(f"{self!r} stopped reading: {exc}"))
+
+    async def _read(self) -> None:
+        assert self._store is not None
+        query = self._store.honker.query
+        stream = self.transport.stream
+        batch = self.transport.read_batch
+        matches = self.pattern.matches
+        track = self._lease is not None
+        signal = self._signal
+        while not self._closed:
+            if self._ready:
+                self.stats.redelivered += 1
+                if not await self._put(self._ready.popleft()):
+                    return
+                continue
+            signal.clear()
+            limit = max(1, min(batch, self.buffer_size - len(self._buffer)))
+            rows = query(SELECT_ROWS, [stream, self._pos, limit])
+            self.stats.lag = len(self._buffer) if len(rows) < limit else None
+            if not rows:
+                await signal.wait()
+                continue
+            for row in rows:
+                offset: int = row["offset"]
+                text: str | bytes = row["payload"]  # bytes if a foreign writer stored a BLOB
+                self._pos = offset
+                topic = envelope_topic(text) if isinstance(text, str) else None
+                if topic is not None and not matches(topic):
+                    continue
+                try:
+                    event = Event.from_json(text)
+                except PayloadError as exc:
+                    await self._malformed(offset, topic, text, exc)
+                    continue
+                if not matches(event.topic):
+                    continue
+                place_offset(event, offset)
+                if track:
+                    self._order.append(offset)
+                    self._acked[offset] = False
+                if not await self._put(event):
+                    return
+            await asyncio.sleep(0)  # let others run between batches
+
+    async def _malformed(
+        self, offset: int, topic: str | None, text: str | bytes, exc: Exception
+    ) -> None:
+        stream = self.transport.stream
+        self.transport.report_malformed(self, "envelope", f"{stream!r} offset {offset}: {exc}")
+        if topic is None or not self.pattern.matches(topic) or self._lease is None:
+            return  # no topic to file it under, or no consumer to own it
+        raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
+        await self.transport._bury(
+            topic, raw, {"x-dead-reason": f"malformed envelope: {exc}"}, offset, self.consumer
+        )
+        self.stats.dead_lettered += 1
+
+    # -- acknowledgement ---------------------------------------------------
+
+    async def ack(self, event: Event) -> None:
+        """Mark ``event`` processed; the position is saved shortly after."""
+        await super().ack(event)
+        if event.offset is not None:
+            self._done(event.offset)
+
+    async def nack(self, event: Event, *, delay: float = 0) -> None:
+        """Deliver ``event`` again after ``delay`` seconds, or dead-letter it once it
+        has been delivered ``max_deliveries`` times."""
+        await super().nack(event, delay=delay)
+        offset = event.offset
+        if offset is None or self._closed or offset in self._timers:
+            return
+        if self._lease is not None and self._acked.get(offset) is not False:
+            return  # acked already, or not ours
+        deliveries = self._deliveries.get(offset, 1)
+        if deliveries >= self.transport.max_deliveries:
+            reason = f"nacked after {deliveries} deliveries to consumer {self.consumer!r}"
+            headers = {
+                **event.headers,
+                "x-dead-reason": reason,
+                "x-deliveries": str(deliveries),
+                "x-original-id": event.id,
+            }
+            await self.transport._bury(event.topic, event.payload, headers, offset, self.consumer)
+            self.stats.dead_lettered += 1
+            self._done(offset)
+            return
+        self._deliveries[offset] = deliveries + 1
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            self._timers[offset] = loop.call_later(delay, self._due, event)
+        else:
+            self._due(event)
+
+    def _due(self, event: Event) -> None:
+        if event.offset is not None:
+            self._timers.pop(event.offset, None)
+        if not self._closed:
+            self._ready.append(event)
+            self._signal.set()
+
+    def _done(self, offset: int) -> None:
+        self._deliveries.pop(offset, None)
+        if self._lease is None or self._acked.get(offset) is not False:
+            return
+        self._acked[offset] = True
+        order, acked = self._order, self._acked
+        while order and acked[order[0]]:
+            del acked[order.popleft()]
+        if self.position > self._saved and self._saving is None and not self._closed:
+            self._saving = asyncio.get_running_loop().create_task(self._save())
+
+    async def _save(self) -> None:
+        try:
+            while self._lease is not None and (target := self.position) > self._saved:
+                await self._lease.save(target)
+                self._saved = target
+        except Exception as exc:
+            log.warning("%s: could not save position (retried on the next ack): %s", self, exc)
+        finally:
+            self._saving = None
+
+    async def _keep_lease(self) -> None:
+        lease = self._lease
+        assert lease is not None
+        while True:
+            await asyncio.sleep(lease.ttl / 3)
+            try:
+                held = await lease.renew()
+            except Exception as exc:
+                log.warning("%s: could not renew the consumer lease: %s", self, exc)
+                continue
+            if not held:
+                self._fail(
+                    ConsumerBusy(
+                        f"consumer {self.consumer!r} lost its lease (not renewed within "
+                        f"{lease.ttl} s, and another subscription took the name); subscribe again"
+                    )
+                )
+                return
+            if self.position > self._saved and self._saving is None:
+                # Rows skipped by the pattern move the position without any ack.
+                self._saving = asyncio.get_running_loop().create_task(self._save())
+
+
+class HonkerDurableTransport(BaseTransport):
+    """Durable, replayable publish/subscribe in a Honker (SQLite) stream."""
+
+    capabilities = Capabilities(
+        persistent=True,
+        replay=True,
+        consumer_offsets=True,
+        ordered=True,
+        cross_process=True,
+        transactional_publish=True,
+        wildcards=True,
+        dead_letter=True,
+    )
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        stream: str = DEFAULT_STREAM,
+        max_deliveries: int = 5,
+        consumer_ttl: int = 30,
+        read_batch: int = 128,
+        origin: str | None = None,
+    ) -> None:
+        super().__init__(origin=origin)
+        self.stream = check_stream_name(stream)
+        self.max_deliveries = max_deliveries
+        self.consumer_ttl = consumer_ttl
+        self.read_batch = read_batch
+        where = f"//{path}" if path.startswith("/") else f"///{path}"
+        self.name = f"honker+durable:{where}?stream={stream}"
+        self._holder = StoreHolder(path, self.origin)
+
+    async def connect(self) -> None:
+        """Open the database file (shared with every transport on it in this process)."""
+        self._check_open()
+        await self._holder.get()
+
+    @property
+    def store(self) -> Store:
+        """The storage handle on this file: ``tx.publish`` in ``transport.store.transaction()``
+        writes this stream with this transport's origin."""
+        return self._holder.store or self._holder.open_now()
+
+    async def _publish(self, event: Event, body: bytes) -> Event:
+        store = self._holder.store or await self._holder.get()
+        [offset] = await store.append(self.stream, [(event.key, event.envelope(body).decode())])
+        return event.with_offset(offset)
+
+    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+        store = self._holder.store or await self._holder.get()
+        rows = [(event.key, event.envelope(body).decode()) for event, body in batch]
+        offsets = await store.append(self.stream, rows)
+        return [event.with_offset(o) for (event, _), o in zip(batch, offsets, strict=True)]
+
+    async def _bury(
+        self, topic: str, payload: Any, headers: dict[str, str], offset: int, consumer: str | None
+    ) -> Event:
+        """Append a dead letter for the event of ``topic`` at ``offset``."""
+        event, text = dead_letter(topic, payload, headers, offset, consumer, self.origin)
+        store = self._holder.store or await self._holder.get()
+        [dead_offset] = await store.append(self.stream, [(None, text)])
+        return event.with_offset(dead_offset)
+
+    def _subscription(
+        self, pattern: str, *, consumer: str | None, start: Start, buffer: int
+    ) -> Subscription:
+        return HonkerDurableSubscription(
+            self, pattern, consumer=consumer, start=start, buffer=buffer
+        )
+
+    async def _close(self) -> None:
+        self._holder.close()
+
+
+class _Options(TransportOptions):
+    stream: str = DEFAULT_STREAM
+    max_deliveries: int = Field(5, ge=1)
+    consumer_ttl: int = Field(30, ge=3)
+    read_batch: int = Field(128, ge=1, le=10_000)
+
+    @field_validator("stream")
+    @classmethod
+    def _stream(cls, value: str) -> str:
+        return check_stream_name(value)
+
+
+def from_url(url: str, settings: Settings | None = None) -> HonkerDurableTransport:
+    """Build a transport from ``honker+durable:///path/events.db?stream=events``."""
+    parsed = parse_url(url)
+    extra: dict[str, Any] = {}
+    given = parsed.query.keys() | (settings.options.keys() if settings else set())
+    if settings is not None and "max_deliveries" not in given:
+        extra["max_deliveries"] = settings.max_deliveries
+    options = parse_options(_Options, parsed, settings, **extra)
+    return HonkerDurableTransport(
+        database_path(parsed),
+        stream=options.stream,
+        max_deliveries=options.max_deliveries,
+        consumer_ttl=options.consumer_ttl,
+        read_batch=options.read_batch,
+        origin=settings.origin if settings else None,
+    )

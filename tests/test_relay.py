@@ -58,9 +58,7 @@ async def test_relay_forwards_committed_events_with_ids_and_origin(
         got = await collect(sub, 20)
         for event in got:
             await sub.ack(event)
-    assert [(e.id, e.origin, e.payload) for e in got] == [
-        (e.id, e.origin, e.payload) for e in sent
-    ]
+    assert [(e.id, e.origin, e.payload) for e in got] == [(e.id, e.origin, e.payload) for e in sent]
     await source.close()
     await target.close()
     store.close()

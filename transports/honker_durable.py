@@ -382,6 +382,18 @@ class HonkerDurableTransport(BaseTransport):
             self, pattern, consumer=consumer, start=start, buffer=buffer
         )
 
+    async def consumer_stats(self) -> list[dict[str, Any]]:
+        """Each durable consumer of this stream: saved offset and lag (rows behind
+        the newest event, other topics included). Used by ``alkpubsub stats``."""
+        store = self._holder.store or await self._holder.get()
+        offsets, head = await asyncio.to_thread(
+            lambda: (store.consumer_offsets(self.stream), store.stream_head(self.stream))
+        )
+        return [
+            {"consumer": name, "offset": offset, "lag": max(head - offset, 0)}
+            for name, offset in offsets.items()
+        ]
+
     async def _close(self) -> None:
         self._holder.close()
 

@@ -267,3 +267,20 @@ async def test_gone_server_ends_durable_iterators_with_connection_lost(
             await sub.get(timeout=1)
         with pytest.raises(alkpubsub.ConnectionLost):
             await transport.publish("a", 1)
+
+
+async def test_consumer_stats_report_offset_and_lag(nats_server_session: NatsServer) -> None:
+    # 5 events, 3 read and acked by "billing": it has delivered up to sequence
+    # 3 and 2 are still waiting for it.
+    transport = await alkpubsub.connect(durable_url(nats_server_session, unique("S").upper()))
+    sub = transport.subscribe("orders:*", consumer="billing", start="earliest", buffer=3)
+    async with sub:
+        for i in range(5):
+            await transport.publish(f"orders:{i}", i)
+        await collect_acking(sub, 3)
+        stats = await transport.consumer_stats()  # type: ignore[attr-defined]
+    await transport.close()
+    [row] = stats
+    assert row["consumer"] == "billing"
+    assert row["offset"] >= 3
+    assert row["lag"] + row["offset"] == 5

@@ -385,6 +385,23 @@ class NatsDurableTransport(BaseTransport):
             if isinstance(sub, PullSubscription):
                 sub.lost(error)
 
+    async def consumer_stats(self) -> list[dict[str, object]]:
+        """Each durable consumer of the stream as the server reports it: the last
+        stream sequence delivered, events not yet delivered (lag) and deliveries
+        awaiting an ack. Used by ``alkpubsub stats``."""
+        with self._conn.translate(f"listing consumers of {self.stream!r}"):
+            infos = await self.js.consumers_info(self.stream)
+        return [
+            {
+                "consumer": info.config.durable_name,
+                "offset": info.delivered.stream_seq if info.delivered else 0,
+                "lag": info.num_pending or 0,
+                "unacked": info.num_ack_pending or 0,
+            }
+            for info in infos
+            if info.config.durable_name
+        ]
+
     async def _close(self) -> None:
         await self._conn.close()
 

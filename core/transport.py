@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
 
 from .capabilities import Capabilities, Start
 from .errors import Closed, ConfigError, PayloadError
@@ -56,6 +56,11 @@ class Subscription:
     drops the oldest) or :meth:`_put` (durable events; a full buffer pauses the
     reader instead of losing anything).
     """
+
+    overflow: ClassVar[Literal["drop_oldest", "pause"]] = "drop_oldest"
+    """What a full buffer does: drop the oldest live event (counted in
+    ``stats.dropped``), or pause reading until there is room (durable readers:
+    nothing is lost). Subclasses that fill the buffer with :meth:`_put` say "pause"."""
 
     def __init__(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import alkpubsub
@@ -20,6 +22,20 @@ class TestCompositeConformance(TransportSuite):
 
         async def make() -> Transport:
             return await alkpubsub.connect(["memory://", shared])
+
+        return make
+
+
+class TestCompositeWithHonkerConformance(TransportSuite):
+    """The deployment the README recommends for a hot single node: in-process
+    delivery plus a Honker durable stream, which also serves durable consumers."""
+
+    @pytest.fixture
+    def factory(self, tmp_path: Path) -> TransportFactory:
+        urls = ["memory://", f"honker+durable://{tmp_path / 'events.db'}"]
+
+        async def make() -> Transport:
+            return await alkpubsub.connect(urls)
 
         return make
 

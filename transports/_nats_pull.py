@@ -39,6 +39,8 @@ _SLACK = 2.0  # seconds past a request's expiry before it counts as lost
 class PullSubscription(Subscription):
     """Events of one JetStream consumer (named, or anonymous for ``consumer=None``)."""
 
+    overflow = "pause"
+
     transport: NatsDurableTransport
 
     def __init__(

@@ -80,6 +80,8 @@ log = logging.getLogger("alkpubsub")
 class HonkerDurableSubscription(Subscription):
     """Reads the stream from its own position; see the module docstring."""
 
+    overflow = "pause"
+
     transport: HonkerDurableTransport
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

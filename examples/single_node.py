@@ -12,6 +12,7 @@ Run: python examples/single_node.py            (make demo)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 import alkpubsub
-from alkpubsub.storage import open_store
+from alkpubsub.storage import Store, open_store
 
 ORDERS = 30
 
@@ -29,7 +30,10 @@ ORDERS = 30
 async def consume(db: Path, log_path: Path) -> None:
     """Child process: process orders durably; log each processed order id."""
     transport = await alkpubsub.connect(f"honker+durable://{db}")
-    async with transport, transport.subscribe("orders:>", consumer="billing", start="earliest") as sub:
+    async with (
+        transport,
+        transport.subscribe("orders:>", consumer="billing", start="earliest") as sub,
+    ):
         print(f"  consumer[{os.getpid()}]: subscribed as 'billing'", flush=True)
         with log_path.open("a") as log:
             async for event in sub:
@@ -55,9 +59,9 @@ def wait_for(log_path: Path, count: int, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
-def write_orders(store: object, first: int, last: int) -> None:
+def write_orders(store: Store, first: int, last: int) -> None:
     for n in range(first, last + 1):
-        with store.transaction() as tx:  # type: ignore[attr-defined]
+        with store.transaction() as tx:
             tx.execute("INSERT INTO orders(id, amount) VALUES (?, ?)", (n, n * 10))
             tx.publish(f"orders:created:{n}", {"order": n, "amount": n * 10})
 
@@ -72,7 +76,9 @@ def main() -> None:
 
         consumer = start_consumer(db, log_path)
         write_orders(store, 1, ORDERS // 2)
-        print(f"writer: committed orders 1-{ORDERS // 2}, each row with its event in one transaction")
+        print(
+            f"writer: committed orders 1-{ORDERS // 2}, each row with its event in one transaction"
+        )
         wait_for(log_path, 5)
         consumer.send_signal(signal.SIGKILL)
         consumer.wait()
@@ -108,9 +114,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--consume":
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(consume(Path(sys.argv[2]), Path(sys.argv[3])))
-        except KeyboardInterrupt:
-            pass
     else:
         main()

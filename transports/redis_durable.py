@@ -1,0 +1,213 @@
+"""Redis Streams transport: durable events with consumer groups.
+
+Features
+    persistent: yes   replay: yes   consumer offsets: yes   competing consumers: yes
+    ordered: yes   wildcards: yes   dead letter: yes   cross_process/cross_node: yes
+    All topics share one stream key (``stream``); an entry holds the fields
+    ``topic`` and ``event`` (the JSON envelope). ``event.offset`` packs the
+    entry id ``<ms>-<seq>`` as ``ms * 2**20 + seq`` (increasing, unique).
+
+    A ``consumer`` name is a consumer group, created on first use at ``start``
+    ("new" -> ``$``, "earliest" -> ``0``, an offset -> that entry, inclusive);
+    afterwards the group resumes after its last acked entry. Each subscription
+    is its own group member, so subscriptions sharing a name split the events.
+    Entries whose topic the pattern does not match are acked unseen: give every
+    subscription of one consumer the same pattern. Without ``consumer`` a
+    subscription gets a private group (``start`` applies) that is destroyed
+    when it closes: every event, no kept position.
+
+    Members read with XREADGROUP in batches into the bounded buffer (a full
+    buffer pauses reading) and ack with batched XACKs. A live member keeps what
+    it holds by refreshing the entries' idle time; ``nack(delay)`` sets an
+    entry's idle time so that it becomes claimable after ``delay``; closing
+    hands unacked entries back at once. Entries of a crashed member become
+    claimable after ``claim_idle``. Every member claims due entries with
+    XAUTOCLAIM (each second, or sooner when it nacks). When the last of
+    ``max_deliveries`` deliveries fails (nacked, or claimed once more), the
+    event is added to ``<topic>:dead`` with headers ``x-dead-reason``,
+    ``x-deliveries``, ``x-original-id``, ``x-original-offset`` and acked; so is
+    a malformed entry.
+
+    While the broker is away every call is retried with backoff (50 ms doubling
+    to 1 s) and ``stats.reconnects`` counts each recovery; after
+    ``reconnect_timeout`` the iterator raises :class:`ConnectionLost` after its
+    buffered events. Unacked entries stay in the group and come back.
+
+    XADD trims the stream to about ``maxlen`` entries: trimming does not wait
+    for consumer groups, so a group further behind than ``maxlen`` loses the
+    oldest entries. Size ``maxlen`` for the longest outage of a consumer.
+    Publishes retry twice within ~1 s, then raise :class:`ConnectionLost`
+    (a retried publish may be stored twice, with the same event id).
+
+Connection String
+    ``redis+durable://[[user]:password@]host[:6379][/db]?stream=events``
+    ``rediss+durable://...`` for TLS (files from ``Settings.tls_*``)
+
+Transport Options
+    stream = "events"             stream key (``[A-Za-z0-9_.:-]``, 1..200)
+    maxlen = 1000000              approximate stream length cap; 0 = no cap
+    claim_idle = 30.0             seconds before a silent member's entries are claimed
+    max_deliveries = 5            deliveries before dead-lettering (else Settings.max_deliveries)
+    batch = 100                   entries per XREADGROUP / XAUTOCLAIM
+    reconnect_timeout = 30.0      seconds an outage may last before subscriptions fail
+    connect_timeout = 5.0         seconds to open a TCP connection
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from redis import exceptions as rex
+
+from alkpubsub.capabilities import Capabilities, Start
+from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
+from alkpubsub.event import Event
+from alkpubsub.transport import BaseTransport, Subscription
+
+from ._redis_common import (
+    CONNECTION_ERRORS,
+    RedisTarget,
+    close_client,
+    id_to_offset,
+    is_auth_error,
+    redis_target,
+    translate,
+)
+from ._redis_subscription import BLOCK_MS, RedisStreamSubscription
+
+
+class RedisDurableOptions(TransportOptions):
+    """Options of ``redis+durable://`` URLs (see the module docstring)."""
+
+    stream: str = Field("events", pattern=r"^[A-Za-z0-9_.:\-]{1,200}$")
+    maxlen: int = Field(1_000_000, ge=0)
+    claim_idle: float = Field(30.0, gt=0)
+    max_deliveries: int = Field(5, ge=1)
+    batch: int = Field(100, ge=1, le=10_000)
+    reconnect_timeout: float = Field(30.0, ge=0)
+    connect_timeout: float = Field(5.0, gt=0)
+
+
+class RedisDurableTransport(BaseTransport):
+    """Durable publish/subscribe over one Redis stream with consumer groups."""
+
+    capabilities = Capabilities(
+        persistent=True,
+        replay=True,
+        consumer_offsets=True,
+        competing_consumers=True,
+        ordered=True,
+        cross_process=True,
+        cross_node=True,
+        wildcards=True,
+        dead_letter=True,
+    )
+
+    def __init__(
+        self,
+        target: RedisTarget,
+        options: RedisDurableOptions,
+        *,
+        max_deliveries: int | None = None,
+        origin: str | None = None,
+    ) -> None:
+        super().__init__(origin=origin)
+        self.name = f"{target.label}?stream={options.stream}"
+        self.target = target
+        self.options = options
+        self.stream = options.stream
+        self.max_deliveries = max_deliveries or options.max_deliveries
+        self._claim_ms = int(options.claim_idle * 1000)
+        self._claim_every = min(1.0, options.claim_idle / 2)
+        self._trim: dict[str, Any] = (
+            {"maxlen": options.maxlen, "approximate": True} if options.maxlen else {}
+        )
+        self._client = target.client(retries=2, connect_timeout=options.connect_timeout)
+        self._io = target.client(
+            retries=0, connect_timeout=options.connect_timeout, read_timeout=BLOCK_MS / 1000 + 10
+        )
+        self._connected = False
+
+    async def connect(self) -> None:
+        """Check that the server answers (and accepts the credentials)."""
+        if self._connected:
+            return
+        try:
+            await self._client.ping()
+        except Exception as exc:
+            if isinstance(exc, CONNECTION_ERRORS) or is_auth_error(exc):
+                raise translate(exc, self.target, "connecting") from None
+            raise
+        self._connected = True
+
+    @staticmethod
+    def _fields(event: Event, body: bytes) -> dict[Any, Any]:
+        return {"topic": event.topic, "event": event.envelope(body)}
+
+    async def _publish(self, event: Event, body: bytes) -> Event:
+        try:
+            entry_id = await self._client.xadd(self.stream, self._fields(event, body), **self._trim)
+        except CONNECTION_ERRORS as exc:
+            raise translate(exc, self.target, f"publishing to {event.topic!r}") from None
+        return event.with_offset(id_to_offset(entry_id))
+
+    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+        pipe = self._client.pipeline(transaction=False)
+        for event, body in batch:
+            pipe.xadd(self.stream, self._fields(event, body), **self._trim)
+        try:
+            ids = await pipe.execute()
+        except CONNECTION_ERRORS as exc:
+            raise translate(exc, self.target, f"publishing {len(batch)} events") from None
+        return [e.with_offset(id_to_offset(i)) for (e, _), i in zip(batch, ids, strict=True)]
+
+    def _subscription(
+        self, pattern: str, *, consumer: str | None, start: Start, buffer: int
+    ) -> Subscription:
+        return RedisStreamSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
+
+    async def consumer_stats(self) -> list[dict[str, object]]:
+        """Each named consumer (group) of the stream as Redis reports it: the
+        offset last delivered, entries not yet delivered (lag, when Redis knows)
+        and deliveries awaiting an ack. Used by ``alkpubsub stats``."""
+        try:
+            groups = await self._client.xinfo_groups(self.stream)
+        except CONNECTION_ERRORS as exc:
+            raise translate(exc, self.target, f"listing groups of {self.stream!r}") from None
+        except rex.ResponseError:
+            return []  # no stream yet
+        rows: list[dict[str, object]] = []
+        for group in groups:
+            name = group["name"].decode()
+            if name.startswith("alk.anon-"):
+                continue
+            rows.append(
+                {
+                    "consumer": name,
+                    "offset": id_to_offset(group["last-delivered-id"]),
+                    "lag": group.get("lag"),
+                    "unacked": group["pending"],
+                }
+            )
+        return rows
+
+    async def _close(self) -> None:
+        await close_client(self._io)
+        await close_client(self._client)
+
+
+def from_url(url: str, settings: Settings | None = None) -> RedisDurableTransport:
+    """Build a Redis Streams transport from ``redis+durable://`` or ``rediss+durable://``."""
+    parsed = parse_url(url)
+    options = parse_options(RedisDurableOptions, parsed, settings)
+    target = redis_target(parsed, settings)
+    explicit = "max_deliveries" in parsed.query or (
+        settings is not None and "max_deliveries" in settings.options
+    )
+    return RedisDurableTransport(
+        target,
+        options,
+        max_deliveries=None if explicit or settings is None else settings.max_deliveries,
+        origin=settings.origin if settings else None,
+    )

@@ -7,6 +7,7 @@ from brokers import NatsServer
 
 import alkpubsub
 from alkpubsub.conformance import TransportFactory, TransportSuite, unique
+from alkpubsub.conformance.restart import BrokerRestartSuite
 
 
 class TestNatsConformance(TransportSuite):
@@ -33,3 +34,28 @@ class TestNatsDurableConformance(TransportSuite):
             return await alkpubsub.connect(url)
 
         return make
+
+
+class TestNatsRestart(BrokerRestartSuite):
+    @pytest.fixture
+    def broker(self, nats_server: NatsServer) -> NatsServer:
+        return nats_server
+
+    @pytest.fixture
+    def url(self, nats_server: NatsServer) -> str:
+        return nats_server.url
+
+    @pytest.fixture
+    def factory(self, url: str) -> TransportFactory:
+        async def make() -> alkpubsub.Transport:
+            return await alkpubsub.connect(url)
+
+        return make
+
+
+class TestNatsDurableRestart(TestNatsRestart):
+    @pytest.fixture
+    def url(self, nats_server: NatsServer) -> str:
+        # A killed member's deliveries come back after ack_wait: keep it short here.
+        base = nats_server.url.replace("nats://", "nats+durable://")
+        return f"{base}?stream={unique('S').upper()}&ack_wait=1"

@@ -109,12 +109,7 @@ class Event(BaseModel):
         changes nothing), and transports that write to a wire pass the text to
         :meth:`envelope` instead of serialising the payload again."""
         body = encode_payload(payload, topic=topic)
-        # What model_construct does, without its per-call overhead (4x faster);
-        # the values are built here, so there is nothing to validate.
-        event = _new(cls)
-        _set(
-            event,
-            "__dict__",
+        event = cls._build(
             {
                 "id": uuid7(),
                 "topic": topic,
@@ -124,12 +119,8 @@ class Event(BaseModel):
                 "origin": origin,
                 "key": key,
                 "offset": None,
-            },
+            }
         )
-        # A mutable set of its own: model_copy(update=...) adds to it.
-        _set(event, "__pydantic_fields_set__", set(_ALL_FIELDS))
-        _set(event, "__pydantic_extra__", None)
-        _set(event, "__pydantic_private__", None)
         return event, body
 
     def envelope(self, body: bytes | None = None) -> bytes:
@@ -141,12 +132,24 @@ class Event(BaseModel):
             "id": self.id,
             "topic": self.topic,
             "headers": self.headers,
-            "published_at": self.published_at.isoformat(),
+            "published_at": self.published_at,  # pydantic-core writes ISO 8601 itself
             "origin": self.origin,
         }
         if self.key is not None:
             head["key"] = self.key
         return to_json(head)[:-1] + b',"payload":' + body + b"}"
+
+    @classmethod
+    def _build(cls, values: dict[str, Any]) -> Event:
+        """An instance from already-checked ``values`` (all fields): what
+        ``model_construct`` does, without its per-call overhead (4x faster)."""
+        event = _new(cls)
+        _set(event, "__dict__", values)
+        # A mutable set of its own: model_copy(update=...) adds to it.
+        _set(event, "__pydantic_fields_set__", set(_ALL_FIELDS))
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event
 
     @classmethod
     def from_json(cls, data: str | bytes, *, offset: int | None = None) -> Event:
@@ -160,12 +163,14 @@ class Event(BaseModel):
                 "it was not published through alkpubsub"
             ) from None
         if offset is not None:
-            event = event.model_copy(update={"offset": offset})
+            # A fresh instance nobody else holds yet: set the field in place
+            # rather than copying the model (model_copy costs ~2.5 us).
+            event.__dict__["offset"] = offset
         return event
 
     def with_offset(self, offset: int | None) -> Event:
         """A copy of this event carrying its position in a durable log."""
-        return self.model_copy(update={"offset": offset})
+        return self._build({**self.__dict__, "offset": offset})
 
     def with_headers(self, **extra: str) -> Event:
         """A copy with ``extra`` merged into the headers."""

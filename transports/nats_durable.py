@@ -208,16 +208,45 @@ class NatsDurableTransport(BaseTransport):
     async def store(self, subject: str, data: bytes, msg_id: str) -> PubAck:
         """Publish to the stream and wait for its PubAck, retrying with the same
         ``Nats-Msg-Id`` (deduplicated by the server) for up to ``publish_timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.publish_timeout
+        try:
+            # The first attempt inlines _attempt(): its generator-based context
+            # manager and the module imports below cost ~10 us a publish.
+            async with asyncio.timeout(
+                min(self.options.publish_timeout, self.options.api_timeout)
+            ) as scope:
+                self._attempts.add(scope)
+                try:
+                    self._check_open()
+                    return await self.js.publish(
+                        subject,
+                        data,
+                        timeout=self.options.publish_timeout + 1,
+                        headers={"Nats-Msg-Id": msg_id},
+                    )
+                finally:
+                    self._attempts.discard(scope)
+        except Exception as exc:
+            first: Exception | None = exc
+        return await self._store_retrying(subject, data, msg_id, deadline, first)
+
+    async def _store_retrying(
+        self, subject: str, data: bytes, msg_id: str, deadline: float, first: Exception | None
+    ) -> PubAck:
+        """:meth:`store` after its first attempt failed with ``first``."""
         import nats.errors as nerr
         from nats.js.errors import APIError, NoStreamResponseError
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.publish_timeout
         pause, silent = 0.05, 0
         while True:
-            self._check_open()
             left = max(0.05, deadline - loop.time())
             try:
+                if first is not None:
+                    exc, first = first, None
+                    raise exc
+                self._check_open()
                 async with self._attempt(min(left, self.options.api_timeout)):
                     return await self.js.publish(
                         subject, data, timeout=left + 1, headers={"Nats-Msg-Id": msg_id}
@@ -265,11 +294,10 @@ class NatsDurableTransport(BaseTransport):
             ]
             futures: list[asyncio.Future[PubAck]] = []
             try:
+                publish_async = self.js.publish_async
                 for event, subject, data in chunk:
                     futures.append(
-                        await self.js.publish_async(
-                            subject, data, headers={"Nats-Msg-Id": event.id}
-                        )
+                        await publish_async(subject, data, headers={"Nats-Msg-Id": event.id})
                     )
             except nerr.ConnectionClosedError:
                 raise self._conn.lost_error() from None

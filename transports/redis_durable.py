@@ -123,6 +123,8 @@ class RedisDurableTransport(BaseTransport):
         self._trim: dict[str, Any] = (
             {"maxlen": options.maxlen, "approximate": True} if options.maxlen else {}
         )
+        trim = (b"MAXLEN", b"~", str(options.maxlen).encode()) if options.maxlen else ()
+        self._xadd_head = (b"XADD", self.stream.encode(), *trim, b"*", b"topic")
         self._client = target.client(retries=2, connect_timeout=options.connect_timeout)
         self._io = target.client(
             retries=0, connect_timeout=options.connect_timeout, read_timeout=BLOCK_MS / 1000 + 10
@@ -145,17 +147,24 @@ class RedisDurableTransport(BaseTransport):
     def _fields(event: Event, body: bytes) -> dict[Any, Any]:
         return {"topic": event.topic, "event": event.envelope(body)}
 
+    def _xadd(self, event: Event, body: bytes) -> tuple[bytes, ...]:
+        """The XADD command for ``event``, as bytes: the same entry ``xadd()``
+        writes, without its argument handling and str encoding (~1 us an event)."""
+        return (*self._xadd_head, event.topic.encode(), b"event", event.envelope(body))
+
     async def _publish(self, event: Event, body: bytes) -> Event:
         try:
-            entry_id = await self._client.xadd(self.stream, self._fields(event, body), **self._trim)
+            command = self._client.execute_command
+            entry_id = await command(*self._xadd(event, body))  # type: ignore[no-untyped-call]
         except CONNECTION_ERRORS as exc:
             raise translate(exc, self.target, f"publishing to {event.topic!r}") from None
         return event.with_offset(id_to_offset(entry_id))
 
     async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         pipe = self._client.pipeline(transaction=False)
+        command, xadd = pipe.execute_command, self._xadd
         for event, body in batch:
-            pipe.xadd(self.stream, self._fields(event, body), **self._trim)
+            command(*xadd(event, body))
         try:
             ids = await pipe.execute()
         except CONNECTION_ERRORS as exc:

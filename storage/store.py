@@ -83,8 +83,21 @@ class SharedDatabase:
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         jobs = self._pending.pop(loop, None)
-        if jobs:
+        if not jobs:
+            return
+        try:
             self.writer.dispatch(jobs)
+        except BaseException:
+            # The watcher may be skipping a read for this commit: wake it anyway.
+            watcher = self._watchers.get(loop)
+            if watcher is not None:
+                watcher.wake()
+            raise
+
+    def commit_queued(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """True when ``loop`` has writes queued for its next turn's group commit,
+        which will wake its watcher when it ends (committed or not)."""
+        return loop in self._pending
 
     def watcher(self, loop: asyncio.AbstractEventLoop) -> Watcher:
         with self._watchers_lock:
@@ -106,8 +119,11 @@ class SharedDatabase:
         settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]],
         committed: bool,
     ) -> None:
-        """Settle waiters and wake this process's watchers: one callback per loop."""
-        watchers = dict(self._watchers) if committed else {}
+        """Settle waiters and wake this process's watchers: one callback per loop.
+
+        Watchers are woken even when nothing committed: one may have skipped a
+        read because this commit was queued (see ``Watcher._run``)."""
+        watchers = dict(self._watchers)
         try:
             here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

@@ -12,7 +12,6 @@ poke it directly, so local subscribers need not wait for honker's 1 ms poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,6 +29,11 @@ READ_BATCH = 256
 """Notification rows per query; the watcher yields to the loop between batches."""
 FALLBACK_POLL = 5.0
 """Seconds after which the watcher reads even without a wake (a missed wake costs at most this)."""
+MAX_DEFERRED = 32
+"""Wakes in a row the watcher may skip because this loop has a commit queued
+for its next turn (that commit wakes it again, so one read serves both)."""
+MAX_DEFER_AGE = 0.001
+"""Seconds after the first skipped wake by which the watcher reads regardless."""
 
 SELECT_NOTIFICATIONS = (
     "SELECT id, channel, payload FROM _honker_notifications WHERE id > ? ORDER BY id LIMIT ?"
@@ -74,6 +78,7 @@ class Watcher:
         self._cursor = 0
         self._signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._fallback: asyncio.TimerHandle | None = None
         self.wakes = 0
         """Wake-ups processed (for tests and stats)."""
 
@@ -85,11 +90,21 @@ class Watcher:
             self.loop.create_task(self._pump(updates), name="alkpubsub-honker-pump"),
             self.loop.create_task(self._run(), name="alkpubsub-honker-watcher"),
         ]
+        self._fallback = self.loop.call_later(FALLBACK_POLL, self._fallback_tick)
 
     def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks = []
+        if self._fallback is not None:
+            self._fallback.cancel()
+            self._fallback = None
+
+    def _fallback_tick(self) -> None:
+        # One timer for the watcher's life, not one per wait: arming and
+        # cancelling a timeout on every wake cost more than the wake itself.
+        self._signal.set()
+        self._fallback = self.loop.call_later(FALLBACK_POLL, self._fallback_tick)
 
     @property
     def idle(self) -> bool:
@@ -141,11 +156,25 @@ class Watcher:
 
     async def _run(self) -> None:
         signal = self._signal
+        loop = self.loop
+        commit_queued = self._shared.commit_queued
+        deferred = 0
+        first_deferred = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FALLBACK_POLL):
-                    await signal.wait()
+            await signal.wait()
             signal.clear()
+            # A burst of local publishes: when this loop has another commit
+            # queued for its next turn, skip this read; that commit (or its
+            # failure) wakes us again and one read then serves both. Bounded,
+            # so a steady stream of publishes still delivers every ~1 ms. A
+            # lone publish (1 in flight) has nothing queued and is read at once.
+            if deferred < MAX_DEFERRED and commit_queued(loop):
+                if deferred == 0:
+                    first_deferred = loop.time()
+                if loop.time() - first_deferred < MAX_DEFER_AGE:
+                    deferred += 1
+                    continue
+            deferred = 0
             self.wakes += 1
             try:
                 if self._router:

@@ -307,6 +307,33 @@ async def test_a_failing_write_fails_alone(store: Store) -> None:
     assert store.writer_stats.failed_jobs == 1
 
 
+async def test_merged_inserts_keep_offsets_and_isolate_a_failing_job(store: Store) -> None:
+    # Consecutive appends are written with multi-row INSERTs; a row that fails
+    # (payload NULL breaks NOT NULL) must fail its own job only, and every other
+    # job's offsets must name its own rows, across streams and chunk sizes.
+    jobs = [store.append("events", [(None, f'{{"n":{i}}}')] * (i % 3 + 1)) for i in range(12)]
+    jobs.insert(5, store.append("events", [(None, None)]))  # type: ignore[list-item]
+    jobs.insert(8, store.append("other", [(None, '{"o":1}')] * 70))
+    jobs.insert(9, store.notify_many([("a:b", "{}")] * 9))
+    outcome = await asyncio.gather(*jobs, return_exceptions=True)
+    assert isinstance(outcome[5], PublishError)
+    assert outcome[9] is None
+    assert store.writer_stats.failed_jobs == 1
+    rows = store.honker.query("SELECT offset, topic, payload FROM _honker_stream ORDER BY offset")
+    by_offset = {r["offset"]: (r["topic"], r["payload"]) for r in rows}
+    assert len(by_offset) == sum(i % 3 + 1 for i in range(12)) + 70
+    for index, offsets in enumerate(outcome):
+        if index in (5, 9):
+            continue
+        assert isinstance(offsets, list)
+        if index == 8:
+            assert {by_offset[o] for o in offsets} == {("other", '{"o":1}')} and len(offsets) == 70
+        else:
+            i = index if index < 5 else index - 1 if index < 8 else index - 3
+            assert [by_offset[o] for o in offsets] == [("events", f'{{"n":{i}}}')] * (i % 3 + 1)
+    assert count(store, "SELECT COUNT(*) AS n FROM _honker_notifications") == 9
+
+
 async def test_large_batches_commit_on_the_writer_thread(store: Store) -> None:
     rows = [(None, f'{{"n":{i}}}') for i in range(500)]
     offsets = await store.append("events", rows)

@@ -210,7 +210,13 @@ class HonkerDurableSubscription(Subscription):
                     self._acked[offset] = False
                 if not await self._put(event):
                     return
-            await asyncio.sleep(0)  # let others run between batches
+            if len(rows) < limit:
+                # That was everything committed before the query; a later commit
+                # set the signal (cleared before the query), so wait for it rather
+                # than run a query that would most likely find nothing.
+                await signal.wait()
+            else:
+                await asyncio.sleep(0)  # let others run between batches
 
     async def _malformed(
         self, offset: int, topic: str | None, text: str | bytes, exc: Exception

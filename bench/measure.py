@@ -145,11 +145,14 @@ class Handoff:
         else:
             waiter.set_result(None)
 
-    async def round_trips(self, n: int, publish: Callable[[int], Awaitable[None]]) -> Latency:
+    async def round_trips(
+        self, n: int, publish: Callable[[int], Awaitable[None]], *, lost_after: float = 10.0
+    ) -> Latency:
         """Publish ``seq`` 0..n-1 one at a time; time each until it is delivered.
 
         No timer per round trip (it would cost microseconds on both sides): a
-        lost event is caught by the case's overall timeout."""
+        watchdog checks once a second and fails the run when one event has been
+        awaited for ``lost_after`` seconds."""
         loop = asyncio.get_running_loop()
 
         async def round_trip(i: int) -> None:
@@ -158,7 +161,20 @@ class Handoff:
             await publish(i)
             await waiter
 
+        async def watchdog() -> None:
+            seen, since = -1, loop.time()
+            while True:
+                await asyncio.sleep(1)
+                waiter = self._waiter
+                if self._expected != seen:
+                    seen, since = self._expected, loop.time()
+                elif waiter is not None and not waiter.done() and loop.time() - since >= lost_after:
+                    lost = BenchError(f"event seq={seen} not delivered within {lost_after:g} s")
+                    waiter.set_exception(lost)
+
+        guard = asyncio.create_task(watchdog())
         try:
             return await round_trips(n, round_trip)
         finally:
+            guard.cancel()
             self._waiter = None

@@ -13,12 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `bench` is a top-level folder, not an installed package
 
 from bench.case import Case  # noqa: E402
-from bench.measure import BenchError, Throughput  # noqa: E402
+from bench.measure import BenchError, Handoff, Throughput  # noqa: E402
 from bench.progress import Progress  # noqa: E402
 from bench.report import row_json, table  # noqa: E402
 from bench.runner import run_case  # noqa: E402
@@ -131,3 +133,15 @@ async def test_measure_that_loses_events_is_reported_failed() -> None:
     assert summary.ours_status == "failed: BenchError: subscriber dropped 3 events"
     # Two timed runs of 10 events in 1 s each: median 10 events/s.
     assert summary.raw is not None and summary.raw.runs == (10.0, 10.0)
+
+
+async def test_lost_event_fails_a_latency_run_instead_of_hanging() -> None:
+    handoff = Handoff()
+    published: list[int] = []
+
+    async def publish_into_the_void(i: int) -> None:
+        published.append(i)  # nobody ever calls handoff.deliver
+
+    with pytest.raises(BenchError, match="seq=0 not delivered within 1 s"):
+        await handoff.round_trips(5, publish_into_the_void, lost_after=1.0)
+    assert published == [0]  # the run stopped at the first lost event

@@ -80,6 +80,9 @@ class RedisStreamSubscription(Subscription):
         self._acks: list[bytes] = []
         self._keep_wake = asyncio.Event()
         self._claim_wake = asyncio.Event()
+        # Set after the claimer's first pass: entries parked by a member that
+        # closed (or died) precede anything newer, so the reader waits for it.
+        self._first_claim = asyncio.Event()
         self._put_lock = asyncio.Lock()  # the reader and the claimer both fill the buffer
         # Each task paces its own retries; only the reader's recoveries count
         # as reconnects (it always has a call in flight, so it sees every outage).
@@ -166,6 +169,7 @@ class RedisStreamSubscription(Subscription):
 
     async def _read(self) -> None:
         count = min(self.transport.options.batch, self.buffer_size)
+        await self._first_claim.wait()
         while True:
             try:
                 entries = await self.group.read(count, BLOCK_MS)
@@ -346,6 +350,12 @@ class RedisStreamSubscription(Subscription):
 
     async def _claim(self) -> None:
         """Take over due entries: nacked ones, and those of crashed members."""
+        try:
+            await self._claim_loop()
+        finally:
+            self._first_claim.set()
+
+    async def _claim_loop(self) -> None:
         cursor: bytes | str = "0-0"
         while True:
             try:
@@ -366,6 +376,7 @@ class RedisStreamSubscription(Subscription):
                 await self._backoff["claimer"].pause()
                 continue
             self._ok("claimer")
+            self._first_claim.set()
             try:
                 async with asyncio.timeout(self.transport._claim_every):
                     await self._claim_wake.wait()

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, quote, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from pydantic_settings import (
@@ -29,25 +29,37 @@ CONFIG_ENV = "ALKPUBSUB_CONFIG"
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password or token replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if "@" not in parts.netloc and not any(_is_secret_key(k) for k, _ in pairs):
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{host}"
+    """``url`` with any password or token replaced by ``***``, however it is written.
+
+    A password with an unencoded ``/``, ``?`` or ``#`` moves the ``@`` out of
+    what a URL parser calls the netloc, so the user info is found here by the
+    last ``@`` after ``scheme://`` instead: everything before it is masked
+    (keeping a plain user name), which may hide more than needed but never a secret.
+    """
+    if not isinstance(url, str):
+        return "<not a URL>"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url else "<URL with user info>"
+    at = rest.rfind("@") if not rest.startswith("/") else -1
+    if at != -1:
+        userinfo, rest = rest[:at], rest[at + 1 :]
+        user, colon, _ = userinfo.partition(":")
+        if colon and not any(c in user for c in "/?#"):
+            rest = f"{user}:***@{rest}"
         else:
-            # A lone userinfo is a token for NATS; treat it as secret.
-            netloc = f"***@{host}"
-    query = "&".join(f"{k}=***" if _is_secret_key(k) else f"{k}={quote(v)}" for k, v in pairs)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+            # A lone user info is a token for NATS: secret too.
+            rest = f"***@{rest}"
+    head, qmark, query = rest.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_is_secret_key(k) for k, _ in pairs):
+            query = "&".join(
+                f"{k}=***" if _is_secret_key(k) else f"{k}={quote(v)}" for k, v in pairs
+            )
+        rest = f"{head}?{query}{hash_}{fragment}"
+    return f"{scheme}://{rest}"
 
 
 def _is_secret_key(key: str) -> bool:
@@ -93,9 +105,21 @@ def parse_url(url: str) -> ParsedUrl:
         )
     try:
         parts = urlsplit(url)
-        port = parts.port
     except ValueError as exc:
         raise ConfigError(f"cannot parse URL {redact_url(url)!r}: {exc}") from None
+    after = url.partition("://")[2]
+    if after.count("@") > parts.netloc.count("@") and not after.startswith("/"):
+        raise ConfigError(
+            f"URL {redact_url(url)!r} has an '@' after its host part: if it ends a "
+            "user:password, percent-encode '/', '?' and '#' in the password "
+            "(urllib.parse.quote(password, safe='')); if it belongs to a path or option, "
+            "write it as %40"
+        )
+    try:
+        port = parts.port
+    except ValueError as exc:
+        reason = _no_secret(exc, parts)
+        raise ConfigError(f"cannot parse URL {redact_url(url)!r}: {reason}") from None
     query: dict[str, str] = {}
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         if k in query:
@@ -111,6 +135,14 @@ def parse_url(url: str) -> ParsedUrl:
         query=query,
         raw=url,
     )
+
+
+def _no_secret(exc: ValueError, parts: SplitResult) -> str:
+    """The parser's message, unless it quotes part of the user info."""
+    text = str(exc)
+    if any(part and part in text for part in (parts.password, parts.username)):
+        return "the port is not a number"
+    return text
 
 
 class Settings(BaseSettings):
@@ -183,6 +215,8 @@ class Settings(BaseSettings):
                     if isinstance(value, list)
                     else (redact_url(value) if isinstance(value, str) else value)
                 )
+            elif name == "options" and isinstance(value, dict):
+                value = {k: "***" if _is_secret_key(k) else v for k, v in value.items()}
             yield name, value
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from .errors import PayloadError
+from .limits import check_payload, check_size
 
 JSONValue = Any
 """A JSON value: dict, list, str, int, float, bool or None (nested)."""
@@ -57,20 +58,23 @@ def new_origin() -> str:
     return f"{os.getpid()}-{random.getrandbits(48):012x}"
 
 
-def encode_payload(payload: JSONValue, *, topic: str = "") -> bytes:
-    """Serialise ``payload`` as compact JSON, or raise :class:`PayloadError`.
+def encode_payload(payload: JSONValue, *, topic: str = "", max_bytes: int | None = None) -> bytes:
+    """Check ``payload`` against the publish limits (:mod:`alkpubsub.limits`) and
+    serialise it as compact JSON, or raise :class:`PayloadError` naming the fix.
 
-    Uses pydantic-core's encoder: ~10x faster than ``json.dumps``, and it
-    also renders datetimes, UUIDs, sets and models the way pydantic does.
-    """
+    Uses pydantic-core's encoder: ~10x faster than ``json.dumps``."""
+    payload = check_payload(payload, topic=topic)
     try:
-        return to_json(payload)
+        body = to_json(payload)
     except (PydanticSerializationError, TypeError, ValueError) as exc:
         where = f" for topic {topic!r}" if topic else ""
         raise PayloadError(
             f"payload{where} is not JSON-serialisable ({exc}); "
             "pass dicts, lists, str, int, float, bool or None (or pydantic models)"
         ) from None
+    if max_bytes is not None:
+        check_size(body, max_bytes, topic=topic)
+    return body
 
 
 _new = object.__new__
@@ -101,14 +105,16 @@ class Event(BaseModel):
         origin: str,
         headers: dict[str, str] | None = None,
         key: str | None = None,
+        max_bytes: int | None = None,
     ) -> tuple[Event, bytes]:
         """Build a new event; return it with its payload's JSON text.
 
         The payload is serialised once: that validates it, the stored copy is
         decoded from that JSON (so a publisher mutating its dict afterwards
         changes nothing), and transports that write to a wire pass the text to
-        :meth:`envelope` instead of serialising the payload again."""
-        body = encode_payload(payload, topic=topic)
+        :meth:`envelope` instead of serialising the payload again. ``max_bytes``
+        bounds the payload's JSON size (the transport's limit)."""
+        body = encode_payload(payload, topic=topic, max_bytes=max_bytes)
         event = cls._build(
             {
                 "id": uuid7(),

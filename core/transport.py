@@ -20,6 +20,8 @@ from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
 from .capabilities import Capabilities, Start
 from .errors import Closed, ConfigError, PayloadError
 from .event import Event, encode_payload, new_origin
+from .limits import MAX_PAYLOAD_BYTES, check_key
+from .limits import check_headers as check_headers
 from .topics import Pattern, compile_pattern, validate_topic
 
 log = logging.getLogger("alkpubsub")
@@ -290,6 +292,9 @@ class BaseTransport:
 
     def __init__(self, *, origin: str | None = None) -> None:
         self.origin = origin or new_origin()
+        self.max_payload_bytes = MAX_PAYLOAD_BYTES
+        """Largest payload JSON this transport accepts (see :mod:`alkpubsub.limits`);
+        a transport may lower it once it knows its broker's own limit."""
         self._subscriptions: set[Subscription] = set()
         self._closed = False
         self._malformed_kinds: set[str] = set()
@@ -314,12 +319,26 @@ class BaseTransport:
         headers: dict[str, str] | None = None,
         key: str | None = None,
     ) -> Event:
-        """Publish one event and return it once the transport has accepted it."""
+        """Publish one event and return it once the transport has accepted it.
+
+        Everything is checked first (topic, payload, headers, key and size; see
+        :mod:`alkpubsub.limits`), so nothing is accepted that a reader cannot decode."""
         self._check_open()
         validate_topic(topic)
         if headers:
+            headers = check_headers(headers)
+        elif headers is not None and not isinstance(headers, dict):
             check_headers(headers)
-        event, body = Event.create(topic, payload, origin=self.origin, headers=headers, key=key)
+        if key is not None:
+            check_key(key)
+        event, body = Event.create(
+            topic,
+            payload,
+            origin=self.origin,
+            headers=headers,
+            key=key,
+            max_bytes=self.max_payload_bytes,
+        )
         return await self._publish(event, body)
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[Event]:
@@ -327,19 +346,28 @@ class BaseTransport:
         transport can. Every item is validated before any is published."""
         self._check_open()
         batch: list[tuple[Event, bytes]] = []
-        for topic, payload in items:
+        limit = self.max_payload_bytes
+        for index, item in enumerate(_iterate(items)):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise PayloadError(
+                    f"publish_many item {index} is {_short(item)}; each item must be a "
+                    "(topic, payload) pair: publish headers or keys with publish()"
+                )
+            topic, payload = item
             validate_topic(topic)
-            batch.append(Event.create(topic, payload, origin=self.origin))
+            batch.append(Event.create(topic, payload, origin=self.origin, max_bytes=limit))
         if not batch:
             return []
         return await self._publish_batch(batch)
 
     async def forward(self, event: Event) -> Event:
         """Publish an existing event unchanged (same id and origin): used by the
-        composite and the relay so subscribers can deduplicate by id."""
+        composite and the relay so subscribers can deduplicate by id. The event
+        is held to this transport's limits like any publish."""
         self._check_open()
         validate_topic(event.topic)
-        return await self._publish(event, encode_payload(event.payload, topic=event.topic))
+        body = encode_payload(event.payload, topic=event.topic, max_bytes=self.max_payload_bytes)
+        return await self._publish(event, body)
 
     async def _publish(self, event: Event, body: bytes) -> Event:
         raise NotImplementedError
@@ -381,11 +409,14 @@ class BaseTransport:
                     f"{self.name} delivers live events only (start={start!r}); "
                     "use a durable transport to replay, or drop start="
                 )
-            if not (start == "earliest" or (isinstance(start, int) and start >= 0)):
+            if not (
+                start == "earliest"
+                or (isinstance(start, int) and not isinstance(start, bool) and start >= 0)
+            ):
                 raise ConfigError(
                     f"start={start!r} is not valid; use 'new', 'earliest' or an offset >= 0"
                 )
-        if not isinstance(buffer, int) or buffer < 1:
+        if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 1:
             raise ConfigError(f"buffer={buffer!r} must be a positive int (events)")
         sub = self._subscription(pattern, consumer=consumer, start=start, buffer=buffer)
         self._subscriptions.add(sub)
@@ -443,13 +474,17 @@ class BaseTransport:
 _CONSUMER = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
-def check_headers(headers: dict[str, str]) -> None:
-    """Headers are ``str -> str``; raise :class:`PayloadError` otherwise."""
-    for k, v in headers.items():
-        if type(k) is not str or type(v) is not str:
-            raise PayloadError(
-                f"header {k!r}: {v!r} is not str -> str; convert header values to text"
-            )
+def _iterate(items: Any) -> Iterable[Any]:
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Iterable):
+        raise PayloadError(
+            f"publish_many takes an iterable of (topic, payload) pairs, not {_short(items)}"
+        )
+    return items  # type: ignore[no-any-return]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def check_consumer_name(consumer: str) -> None:

@@ -87,3 +87,11 @@ def test_bench_prints_rate_and_latency() -> None:
     done = run("bench", "--url", "memory://", "--count", "2000")
     assert done.returncode == 0, done.stderr
     assert "events/s publish->receive" in done.stdout and "p99" in done.stdout
+
+
+def test_doctor_never_prints_a_password_with_unencoded_url_characters() -> None:
+    done = run("doctor", "--url", "redis://:hunter2/secret#x@127.0.0.1:1/0")
+    assert done.returncode != 0
+    for part in ("hunter2", "secret#x"):
+        assert part not in done.stdout + done.stderr
+    assert "percent-encode" in done.stdout + done.stderr

@@ -356,3 +356,51 @@ def test_missing_config_env_file_raises_config_error(
     monkeypatch.setenv(CONFIG_ENV, str(missing))
     with pytest.raises(ConfigError, match=f"ALKPUBSUB_CONFIG='{missing}' is not a file"):
         Settings.load()
+
+
+UNENCODED_SECRETS = ["pa/ss-w0rd", "pa#ss-w0rd", "pa?ss-w0rd", "1234/ss-w0rd", "p@ss/w0rd"]
+
+
+@pytest.mark.parametrize("secret", UNENCODED_SECRETS)
+@pytest.mark.parametrize(
+    "template",
+    [
+        "redis://user:{}@cache.local:6379/0",
+        "redis://:{}@cache.local:6379/0?stream=s",
+        "nats://{}@bus.local:4222",
+        "nats+durable://svc:{}@bus.local:4222?stream=E&token=tok-zz9",
+    ],
+)
+def test_a_password_with_unencoded_url_characters_never_leaks(template: str, secret: str) -> None:
+    # '/', '#' and '?' in a password move the '@' out of the URL's netloc, so
+    # a parser sees a path, fragment or query holding the secret.
+    url = template.format(secret)
+    assert secret not in redact_url(url)
+    assert "tok-zz9" not in redact_url(url)
+    with pytest.raises(ConfigError) as raised:
+        parse_url(url)
+    assert secret not in str(raised.value)
+    assert "percent-encode" in str(raised.value)
+    settings = Settings(url=[url, "memory://"])
+    for text in (repr(settings), str(settings)):
+        assert secret not in text
+
+
+def test_a_percent_encoded_password_parses_back_to_itself() -> None:
+    from urllib.parse import quote
+
+    secret = "pa/ss#w?rd@x"
+    parsed = parse_url(f"redis://user:{quote(secret, safe='')}@cache.local:6379/0")
+    assert parsed.password == secret and parsed.host == "cache.local"
+    assert secret not in repr(parsed) and secret not in parsed.redacted
+
+
+def test_an_at_sign_in_a_file_path_is_not_user_info() -> None:
+    assert parse_url("honker:///data/a@b/app.db").path == "/data/a@b/app.db"
+    assert redact_url("honker:///data/a@b/app.db") == "honker:///data/a@b/app.db"
+
+
+def test_secret_options_are_masked_in_settings_repr() -> None:
+    settings = Settings(url="memory://", options={"token": "tok-secret-1", "stream": "s"})
+    assert "tok-secret-1" not in repr(settings)
+    assert "'stream': 's'" in repr(settings)

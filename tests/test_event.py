@@ -215,11 +215,11 @@ class _Opaque:
 async def test_non_serialisable_payload_raises_payload_error_naming_topic(
     payload: object,
 ) -> None:
-    with pytest.raises(PayloadError, match="'graph:created' is not JSON-serialisable"):
+    with pytest.raises(PayloadError, match=r"'graph:created' .*not a JSON value"):
         Event.create("graph:created", payload, origin="o")
     transport = await alkpubsub.connect("memory://")
     try:
-        with pytest.raises(PayloadError, match="'graph:created' is not JSON-serialisable"):
+        with pytest.raises(PayloadError, match=r"'graph:created' .*not a JSON value"):
             await transport.publish("graph:created", payload)
     finally:
         await transport.close()
@@ -228,7 +228,7 @@ async def test_non_serialisable_payload_raises_payload_error_naming_topic(
 def test_circular_payload_raises_payload_error() -> None:
     loop: dict[str, object] = {}
     loop["self"] = loop
-    with pytest.raises(PayloadError, match="Circular reference"):
+    with pytest.raises(PayloadError, match=r"deeper than 100 levels \(or refers to itself\)"):
         encode_payload(loop, topic="a:b")
 
 

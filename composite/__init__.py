@@ -147,6 +147,16 @@ class CompositeTransport(BaseTransport):
         return CompositeSubscription(self, pattern, buffer=buffer)
 
     @property
+    def max_payload_bytes(self) -> int:
+        """The smallest limit of any leg: an event must fit on all of them."""
+        return min(leg.max_payload_bytes for leg in (self.local, *self.targets))
+
+    @max_payload_bytes.setter
+    def max_payload_bytes(self, value: int) -> None:
+        # The legs' limits decide; BaseTransport's default is ignored here.
+        pass
+
+    @property
     def max_deliveries(self) -> int:
         """The durable target's dead-letter threshold."""
         return int(getattr(self._durable, "max_deliveries", 5))

@@ -13,6 +13,7 @@ read ``transport.capabilities`` to decide what to demand, and demand a clean
             return lambda: alkpubsub.connect("mine://")
 """
 
+from .adversarial import AdversarialCases, GarbageWriter
 from .basic import BasicCases
 from .durable import DurableCases
 from .patterns import BAD_PATTERNS, BAD_TOPICS, PATTERN_TABLE
@@ -28,7 +29,7 @@ from .suite import (
 )
 
 
-class TransportSuite(BasicCases, DurableCases):
+class TransportSuite(BasicCases, DurableCases, AdversarialCases):
     """Every conformance case. Subclass it in a test module and define ``factory``."""
 
 
@@ -38,8 +39,10 @@ __all__ = [
     "PATTERN_TABLE",
     "QUIET",
     "RECEIVE_TIMEOUT",
+    "AdversarialCases",
     "BasicCases",
     "DurableCases",
+    "GarbageWriter",
     "SuiteFixtures",
     "TransportFactory",
     "TransportSuite",

@@ -251,6 +251,7 @@ class Transport(Protocol):
     name: str
     capabilities: Capabilities
     origin: str
+    max_payload_bytes: int
 
     async def publish(
         self,
@@ -292,9 +293,7 @@ class BaseTransport:
 
     def __init__(self, *, origin: str | None = None) -> None:
         self.origin = origin or new_origin()
-        self.max_payload_bytes = MAX_PAYLOAD_BYTES
-        """Largest payload JSON this transport accepts (see :mod:`alkpubsub.limits`);
-        a transport may lower it once it knows its broker's own limit."""
+        self._max_payload_bytes = MAX_PAYLOAD_BYTES
         self._subscriptions: set[Subscription] = set()
         self._closed = False
         self._malformed_kinds: set[str] = set()
@@ -308,6 +307,22 @@ class BaseTransport:
 
     async def connect(self) -> None:
         """Open connections. ``alkpubsub.connect`` calls it; idempotent."""
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """Largest payload, as JSON bytes, this transport accepts at publish
+        (default :data:`alkpubsub.limits.MAX_PAYLOAD_BYTES`). A transport may
+        lower it once it knows its broker's own limit; raising it above the
+        default is refused, since other transports' readers hold to it."""
+        return self._max_payload_bytes
+
+    @max_payload_bytes.setter
+    def max_payload_bytes(self, value: int) -> None:
+        if type(value) is not int or not 1 <= value <= MAX_PAYLOAD_BYTES:
+            raise ConfigError(
+                f"max_payload_bytes={value!r} must be an int in 1..{MAX_PAYLOAD_BYTES}"
+            )
+        self._max_payload_bytes = value
 
     # -- publishing --------------------------------------------------------
 

@@ -15,11 +15,22 @@ by reference); all writes go through one writer thread that groups concurrent
 publishes into one commit (see ``docs/decisions/003-honker-group-commit-and-fanout.md``).
 Do not open the same file with Python's ``sqlite3`` (or SQLAlchemy's default
 driver) in the same process: two SQLite libraries in one process break each
-other's file locks. Other processes may use any SQLite client.
+other's file locks. Other processes may use any SQLite client; rows they write
+that are not alkpubsub envelopes are counted as malformed and skipped.
+
+New database files (and their ``-wal``, ``-shm`` and ``-alkpubsub.lock``) are
+created owner-only (0600). Notifications older than ``notify_retention``
+seconds (default 60) are pruned automatically by each writing process; stream
+rows only by :func:`prune` / ``store.prune``. If the file is replaced or
+deleted while open, everything on it fails with ``ConnectionLost`` and opening
+the path again opens the new file.
 """
 
+from .jobs import WriterStats
+from .pruning import DEFAULT_NOTIFY_RETENTION
 from .retention import PruneCounts, prune
-from .store import DEFAULT_BUSY_TIMEOUT, SharedDatabase, Store, open_store
+from .shared import SharedDatabase
+from .store import DEFAULT_BUSY_TIMEOUT, Store, open_store
 from .stores import Stores, check_org_id
 from .transaction import (
     DEFAULT_STREAM,
@@ -29,10 +40,10 @@ from .transaction import (
     check_stream_name,
 )
 from .watcher import Watcher
-from .writer import WriterStats
 
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
+    "DEFAULT_NOTIFY_RETENTION",
     "DEFAULT_STREAM",
     "AsyncStoreTransaction",
     "PruneCounts",

@@ -1,20 +1,19 @@
 """Opening Honker databases: one per path per process, shared by reference.
 
 ``open_store(path)`` returns a :class:`Store` handle. Every handle on the same
-resolved path shares one :class:`SharedDatabase`: one honker ``Database`` (one
-writer connection, one reader pool), one group-commit writer thread and one
-wake-up watcher per event loop. Closing the last handle closes the database.
+resolved path shares one :class:`~alkpubsub.storage.shared.SharedDatabase`: one
+honker ``Database`` (one writer connection, one reader pool), one group-commit
+writer thread and one wake-up watcher per event loop. Closing the last handle
+closes the database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextvars
 import os
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import honker
@@ -22,8 +21,10 @@ import honker
 from alkpubsub.errors import Closed, ConfigError, ConnectionLost, PubSubError
 from alkpubsub.event import new_origin
 
-from .gate import WriteGate
+from .jobs import CALL, NOTIFY, SESSION, STREAM, Job, Session, WriterStats
+from .pruning import DEFAULT_NOTIFY_RETENTION
 from .retention import PruneCounts, prune
+from .shared import SharedDatabase, acquire, release, resolve_path
 from .transaction import (
     DEFAULT_STREAM,
     AsyncStoreTransaction,
@@ -31,8 +32,6 @@ from .transaction import (
     check_stream_name,
 )
 from .watcher import Watcher
-from .writer import CALL, NOTIFY, SESSION, STREAM, GroupCommitWriter, Job, Session, WriterStats
-from .writer import settle_futures as settle
 
 T = TypeVar("T")
 
@@ -45,177 +44,30 @@ _holding: contextvars.ContextVar[SharedDatabase | None] = contextvars.ContextVar
 )
 
 
-class SharedDatabase:
-    """What all handles on one file share. Internal; use :class:`Store`."""
-
-    def __init__(self, path: str, busy_timeout: float) -> None:
-        self.path = path
-        self.gate = WriteGate(path, busy_timeout)
-        # honker.open writes (schema bootstrap); wait for other writers here, where
-        # the wait releases the GIL, not in SQLite's busy handler, which keeps it.
-        try:
-            self.gate.acquire()
-        except PubSubError as exc:
-            self.gate.close()
-            raise ConnectionLost(f"cannot open Honker database {path!r}: {exc}") from None
-        try:
-            self.db: honker.Database = honker.open(path)
-        except Exception as exc:
-            self.gate.release()
-            self.gate.close()
-            raise ConfigError(f"cannot open Honker database {path!r}: {exc}") from None
-        self.gate.release()
-        self.writer = GroupCommitWriter(self)
-        self.refs = 0
-        self._watchers: dict[asyncio.AbstractEventLoop, Watcher] = {}
-        self._watchers_lock = threading.Lock()
-        self._pending: dict[asyncio.AbstractEventLoop, list[Job]] = {}
-
-    def submit(self, job: Job) -> None:
-        """Queue ``job`` from its loop's thread. Everything queued before the loop
-        next runs its callbacks is committed together (one group commit)."""
-        loop = job.loop
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            loop.call_soon(self._flush, loop)
-        pending.append(job)
-
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        jobs = self._pending.pop(loop, None)
-        if not jobs:
-            return
-        try:
-            self.writer.dispatch(jobs)
-        except BaseException:
-            # The watcher may be skipping a read for this commit: wake it anyway.
-            watcher = self._watchers.get(loop)
-            if watcher is not None:
-                watcher.wake()
-            raise
-
-    def commit_queued(self, loop: asyncio.AbstractEventLoop) -> bool:
-        """True when ``loop`` has writes queued for its next turn's group commit,
-        which will wake its watcher when it ends (committed or not)."""
-        return loop in self._pending
-
-    def watcher(self, loop: asyncio.AbstractEventLoop) -> Watcher:
-        with self._watchers_lock:
-            found = self._watchers.get(loop)
-            if found is None:
-                found = self._watchers[loop] = Watcher(self, loop)
-                found.start()
-            return found
-
-    def release_watcher(self, watcher: Watcher) -> None:
-        """Stop ``watcher`` once nothing is subscribed through it."""
-        with self._watchers_lock:
-            if watcher.idle and self._watchers.get(watcher.loop) is watcher:
-                del self._watchers[watcher.loop]
-                watcher.stop()
-
-    def after_commit(
-        self,
-        settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]],
-        committed: bool,
-    ) -> None:
-        """Settle waiters and wake this process's watchers: one callback per loop.
-
-        Watchers are woken even when nothing committed: one may have skipped a
-        read because this commit was queued (see ``Watcher._run``)."""
-        watchers = dict(self._watchers)
-        try:
-            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            here = None
-        for loop in settled.keys() | watchers.keys():
-            watcher = watchers.get(loop)
-            wake = watcher.wake if watcher else None
-            if loop is here:
-                settle(settled.get(loop, []), wake)
-                continue
-            with suppress(RuntimeError):  # that loop is closed; nobody waits there any more
-                loop.call_soon_threadsafe(settle, settled.get(loop, []), wake)
-
-    def wake_watchers(self, here: asyncio.AbstractEventLoop) -> None:
-        """After a commit made on the loop ``here``: wake every watcher of this file."""
-        for loop, watcher in list(self._watchers.items()):
-            if loop is here:
-                watcher.wake()
-            else:
-                with suppress(RuntimeError):
-                    loop.call_soon_threadsafe(watcher.wake)
-
-    def shutdown(self) -> None:
-        self.writer.stop()
-        with self._watchers_lock:
-            watchers, self._watchers = list(self._watchers.values()), {}
-        for watcher in watchers:
-            with suppress(RuntimeError):
-                watcher.loop.call_soon_threadsafe(watcher.stop)
-        self.db.close()
-        self.gate.close()
-
-
-_registry: dict[str, SharedDatabase] = {}
-_registry_lock = threading.Lock()
-
-
-def resolve_path(path: str | os.PathLike[str]) -> str:
-    """The absolute, symlink-free path one database is known by in this process."""
-    text = os.fspath(path)
-    if not isinstance(text, str) or not text or text == ":memory:" or text.startswith("file:"):
-        raise ConfigError(
-            f"Honker needs a database file, not {text!r}: its reader connections cannot see "
-            "an in-memory database; give a path such as './events.db'"
-        )
-    resolved = os.path.realpath(os.path.abspath(text))
-    parent = os.path.dirname(resolved)
-    if not os.path.isdir(parent):
-        raise ConfigError(
-            f"directory {parent!r} of the Honker database {text!r} does not exist; create it first"
-        )
-    return resolved
-
-
 def open_store(
     path: str | os.PathLike[str],
     *,
     origin: str | None = None,
     busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    notify_retention: float = DEFAULT_NOTIFY_RETENTION,
 ) -> Store:
     """Open (or share) the Honker database at ``path``.
 
     ``busy_timeout`` is how long a write waits for another writer of the file
-    (seconds); the first opener of a path in a process sets it. ``origin`` is
-    stamped on events this handle's transactions publish.
+    (seconds); ``notify_retention`` is how long notifications are kept before
+    this process's writer prunes them (seconds, 0 = never; see
+    :mod:`alkpubsub.storage.pruning`). The first opener of a path in a process
+    sets both. ``origin`` is stamped on events this handle's transactions publish.
+
+    A new file is created with mode 0600 (as are its ``-wal``, ``-shm`` and
+    ``-alkpubsub.lock``); an existing file keeps its mode. A path that is a
+    directory, a file that is not a SQLite database, or a directory this user
+    cannot write raises :class:`ConfigError` and leaves no lock file behind.
     """
-    resolved = resolve_path(path)
-    with _registry_lock:
-        shared = _registry.get(resolved)
-        if shared is None:
-            shared = _registry[resolved] = SharedDatabase(resolved, busy_timeout)
-        shared.refs += 1
+    if isinstance(notify_retention, bool) or not notify_retention >= 0:
+        raise ConfigError(f"notify_retention={notify_retention!r} must be seconds >= 0")
+    shared = acquire(resolve_path(path), busy_timeout, float(notify_retention))
     return Store(shared, origin=origin)
-
-
-def _release(shared: SharedDatabase) -> None:
-    with _registry_lock:
-        shared.refs -= 1
-        if shared.refs > 0:
-            return
-        if _registry.get(shared.path) is shared:
-            del _registry[shared.path]
-    shared.shutdown()
-
-
-@atexit.register
-def _flush_writers() -> None:
-    # Commit what publishers queued before the interpreter goes away.
-    with _registry_lock:
-        shared = list(_registry.values())
-    for each in shared:
-        each.writer.stop(timeout=5.0)
 
 
 class Store:
@@ -399,7 +251,7 @@ class Store:
         """Release this handle; the last one closes the database. Idempotent."""
         if not self._closed:
             self._closed = True
-            _release(self._shared)
+            release(self._shared)
 
     def __enter__(self) -> Store:
         return self
@@ -410,6 +262,9 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise Closed(f"the store for {self.path!r} is closed; open_store() it again")
+        lost = self._shared.lost
+        if lost is not None:
+            raise ConnectionLost(str(lost))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

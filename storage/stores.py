@@ -9,6 +9,7 @@ from pathlib import Path
 
 from alkpubsub.errors import ConfigError
 
+from .pruning import DEFAULT_NOTIFY_RETENTION
 from .store import DEFAULT_BUSY_TIMEOUT, Store, open_store
 
 _ORG_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -35,11 +36,13 @@ class Stores:
         *,
         origin: str | None = None,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        notify_retention: float = DEFAULT_NOTIFY_RETENTION,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._origin = origin
         self._busy_timeout = busy_timeout
+        self._notify_retention = notify_retention
         self._open: dict[str, Store] = {}
         self._lock = threading.Lock()
 
@@ -56,7 +59,10 @@ class Stores:
             store = self._open.get(name)
             if store is None or store.closed:
                 store = self._open[name] = open_store(
-                    self.root / name, origin=self._origin, busy_timeout=self._busy_timeout
+                    self.root / name,
+                    origin=self._origin,
+                    busy_timeout=self._busy_timeout,
+                    notify_retention=self._notify_retention,
                 )
             return store
 

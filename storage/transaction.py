@@ -15,17 +15,50 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from alkpubsub.errors import ConfigError
 from alkpubsub.event import Event
+from alkpubsub.limits import MAX_PAYLOAD_BYTES, check_headers, check_key
 from alkpubsub.topics import validate_topic
-from alkpubsub.transport import check_headers
 
 if TYPE_CHECKING:
-    from .writer import Session
+    from .jobs import Session
 
 T = TypeVar("T")
 
 DEFAULT_STREAM = "events"
 INSERT_STREAM = "INSERT INTO _honker_stream (topic, key, payload) VALUES (?, ?, ?)"
 INSERT_NOTIFICATION = "INSERT INTO _honker_notifications (channel, payload) VALUES (?, ?)"
+
+# Multi-row INSERTs for the group-commit writer (see insert_rows).
+_CHUNKS = (64, 8, 1)
+
+
+def _multi_row(sql: str, columns: int, rows: int) -> str:
+    return sql + (", (" + ", ".join("?" * columns) + ")") * (rows - 1)
+
+
+STREAM_SQL: dict[int, tuple[str, int]] = {n: (_multi_row(INSERT_STREAM, 3, n), 3) for n in _CHUNKS}
+NOTIFY_SQL: dict[int, tuple[str, int]] = {
+    n: (_multi_row(INSERT_NOTIFICATION, 2, n), 2) for n in _CHUNKS
+}
+
+
+def insert_rows(
+    execute: Callable[..., Any], sqls: dict[int, tuple[str, int]], flat: list[Any]
+) -> int:
+    """Insert the rows whose parameters are ``flat``, in statements of 64, 8 and 1
+    rows (few distinct statements, so honker's statement cache keeps them all).
+    Returns the number of rows."""
+    width = sqls[1][1]
+    total = len(flat) // width
+    done = 0
+    for size in _CHUNKS:
+        sql, _ = sqls[size]
+        step = size * width
+        while total - done >= size:
+            start = done * width
+            execute(sql, flat[start : start + step])
+            done += size
+    return total
+
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
@@ -49,11 +82,15 @@ def build_event(
     headers: dict[str, str] | None = None,
     key: str | None = None,
 ) -> tuple[Event, str]:
-    """A new event and its envelope text, validated like a transport's publish."""
+    """A new event and its envelope text, validated like a transport's publish
+    (topic, payload limits, headers, key; :mod:`alkpubsub.limits`)."""
     validate_topic(topic)
-    if headers:
-        check_headers(headers)
-    event, body = Event.create(topic, payload, origin=origin, headers=headers, key=key)
+    if headers is not None:
+        headers = check_headers(headers)
+    check_key(key)
+    event, body = Event.create(
+        topic, payload, origin=origin, headers=headers, key=key, max_bytes=MAX_PAYLOAD_BYTES
+    )
     return event, event.envelope(body).decode()
 
 

@@ -7,6 +7,21 @@ rows out in memory through a :class:`Router`, so the cost of a commit does not
 grow with the number of subscribed topics; then it wakes every durable stream
 reader, which reads from its own position. Commits made by this process also
 poke it directly, so local subscribers need not wait for honker's 1 ms poll.
+
+Rows come from any SQLite client, so no row's content may stop the watcher: a
+row whose channel or payload is not text (a BLOB), is not UTF-8, is not JSON,
+is not an envelope, or whose envelope names another topic than its channel is
+counted as malformed on the subscriptions it was meant for (on every one when
+its channel names no topic) and skipped. An exception nobody foresaw while
+handling one row is logged once and counted in :attr:`Watcher.errors`, and the
+watcher goes on with the next row.
+
+The watcher stops only for a real reason, and then loudly: if the file is
+replaced or deleted (checked every second, and honker's own watcher notices a
+replacement), the whole database is marked lost (see
+``SharedDatabase.lose``); if reading fails, this watcher fails its
+subscriptions with :class:`ConnectionLost` and unregisters, so the next
+subscription starts a fresh one.
 """
 
 from __future__ import annotations
@@ -18,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from alkpubsub.errors import ConnectionLost, PayloadError
 from alkpubsub.event import Event
 from alkpubsub.routing import Router
-from alkpubsub.topics import Pattern
+from alkpubsub.topics import MAX_TOPIC_LENGTH, Pattern
 
 if TYPE_CHECKING:
     from .store import SharedDatabase
@@ -27,8 +42,10 @@ log = logging.getLogger("alkpubsub.storage")
 
 READ_BATCH = 256
 """Notification rows per query; the watcher yields to the loop between batches."""
-FALLBACK_POLL = 5.0
-"""Seconds after which the watcher reads even without a wake (a missed wake costs at most this)."""
+TICK = 1.0
+"""Seconds between checks that the database file is still the one opened."""
+FALLBACK_TICKS = 5
+"""Ticks after which the watcher reads even without a wake (a missed wake costs at most 5 s)."""
 MAX_DEFERRED = 32
 """Wakes in a row the watcher may skip because this loop has a commit queued
 for its next turn (that commit wakes it again, so one read serves both)."""
@@ -79,8 +96,12 @@ class Watcher:
         self._signal = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._fallback: asyncio.TimerHandle | None = None
+        self._ticks = 0
+        self._stopped = False
         self.wakes = 0
         """Wake-ups processed (for tests and stats)."""
+        self.errors = 0
+        """Rows whose handling raised something unforeseen (logged once, then skipped)."""
 
     def start(self) -> None:
         # Subscribe to wake-ups before anything reads, so a commit that lands
@@ -90,9 +111,11 @@ class Watcher:
             self.loop.create_task(self._pump(updates), name="alkpubsub-honker-pump"),
             self.loop.create_task(self._run(), name="alkpubsub-honker-watcher"),
         ]
-        self._fallback = self.loop.call_later(FALLBACK_POLL, self._fallback_tick)
+        self._fallback = self.loop.call_later(TICK, self._tick)
 
     def stop(self) -> None:
+        """Cancel the watcher's tasks (on its loop)."""
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         self._tasks = []
@@ -100,11 +123,14 @@ class Watcher:
             self._fallback.cancel()
             self._fallback = None
 
-    def _fallback_tick(self) -> None:
+    def _tick(self) -> None:
         # One timer for the watcher's life, not one per wait: arming and
         # cancelling a timeout on every wake cost more than the wake itself.
-        self._signal.set()
-        self._fallback = self.loop.call_later(FALLBACK_POLL, self._fallback_tick)
+        self._fallback = self.loop.call_later(TICK, self._tick)
+        self._shared.check_file()  # a stat, ~2 us; may fail every watcher of the file
+        self._ticks += 1
+        if self._ticks % FALLBACK_TICKS == 0:
+            self._signal.set()
 
     @property
     def idle(self) -> bool:
@@ -140,7 +166,21 @@ class Watcher:
         self._shared.release_watcher(self)
 
     def max_notification_id(self) -> int:
+        """The highest notification id in the file now."""
         return int(self._db.query(MAX_NOTIFICATION_ID)[0]["m"])
+
+    @property
+    def unread_after(self) -> int | None:
+        """Notifications above this id may still be read here (None: none will be)."""
+        return self._cursor if self._router and not self._stopped else None
+
+    def fail(self, error: BaseException) -> None:
+        """Stop, and make every subscription fed by this watcher raise ``error`` (on its loop)."""
+        self.stop()
+        for listener in list(self._listeners):
+            listener._fail(error)
+        for reader in list(self._readers):
+            reader._fail(error)
 
     # -- the loop ----------------------------------------------------------
 
@@ -152,7 +192,7 @@ class Watcher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # honker's watcher died: the file was replaced or closed
-            self._die(exc)
+            self._shared.watch_failed(exc)
 
     async def _run(self) -> None:
         signal = self._signal
@@ -181,8 +221,14 @@ class Watcher:
                     await self._drain()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
-                self._die(exc)
+            except Exception as exc:  # the query failed: a disk or file problem
+                error = ConnectionLost(
+                    f"reading notifications from {self._shared.path!r} failed ({exc}); "
+                    "subscribe again once the file is readable"
+                )
+                log.error("%s", error)
+                self._shared.discard_watcher(self)  # the next subscription gets a new one
+                self.fail(error)
                 return
             for reader in list(self._readers):
                 reader.wake()
@@ -202,30 +248,75 @@ class Watcher:
     def _dispatch(self, rows: list[dict[str, Any]]) -> None:
         match = self._router.match
         for row in rows:
-            subs = match(row["channel"])
-            if not subs:
-                continue
-            row_id = row["id"]
-            event: Event | None = None
-            for sub in subs:
-                if row_id <= sub.after_id:
+            # try costs nothing in 3.11 unless it raises: one per row keeps one
+            # unforeseen failure from losing the rest of the batch.
+            try:
+                channel = row["channel"]
+                if type(channel) is not str or len(channel) > MAX_TOPIC_LENGTH:
+                    self._foreign_channel(row)
                     continue
-                if event is None:
-                    try:
-                        event = Event.from_json(row["payload"])
-                    except PayloadError as exc:
-                        for bad in subs:
-                            bad._malformed(f"notification {row_id}: {exc}")
-                        break
-                sub._push(event)
+                subs = match(channel)
+                if not subs:
+                    continue
+                row_id = row["id"]
+                event: Event | None = None
+                for sub in subs:
+                    if row_id <= sub.after_id:
+                        continue
+                    if event is None:
+                        event = self._decode(row, channel, subs)
+                        if event is None:
+                            break
+                    sub._push(event)
+            except Exception as exc:
+                self._unforeseen(row, exc)
 
-    def _die(self, exc: BaseException) -> None:
-        error = ConnectionLost(
-            f"the wake-up watcher of {self._shared.path!r} stopped ({exc}); if the database "
-            "file was replaced or closed, open the transport again"
-        )
-        log.error("%s", error)
-        for listener in list(self._listeners):
-            listener._fail(error)
-        for reader in list(self._readers):
-            reader._fail(error)
+    def _decode(
+        self, row: dict[str, Any], channel: str, subs: tuple[Listener, ...]
+    ) -> Event | None:
+        """The row's event, or None after counting it malformed on ``subs``."""
+        payload = row["payload"]
+        if type(payload) is str:
+            try:
+                event = Event.from_json(payload)
+            except PayloadError as exc:
+                detail = str(exc)
+            else:
+                if event.topic == channel:
+                    return event
+                detail = f"its envelope names topic {event.topic[:80]!r}, not its channel"
+        else:
+            detail = f"its payload is a {type(payload).__name__}, not envelope text"
+        row_id = row["id"]
+        for sub in subs:
+            if row_id > sub.after_id:
+                sub._malformed(f"notification {row_id} on {channel!r}: {detail}")
+        return None
+
+    def _foreign_channel(self, row: dict[str, Any]) -> None:
+        """A channel that is not topic text: count the row on the subscriptions of
+        the topic its bytes spell, or on every one when they spell none."""
+        channel = row["channel"]
+        text: str | None = None
+        if isinstance(channel, bytes) and len(channel) <= MAX_TOPIC_LENGTH:
+            try:
+                text = channel.decode()
+            except UnicodeDecodeError:
+                text = None
+        subs = self._router.match(text) if text is not None else tuple(self._listeners)
+        row_id = row["id"]
+        detail = f"notification {row_id}: its channel is a {type(channel).__name__}, not topic text"
+        for sub in subs:
+            if row_id > sub.after_id:
+                sub._malformed(detail)
+
+    def _unforeseen(self, row: dict[str, Any], exc: Exception) -> None:
+        self.errors += 1
+        if self.errors == 1:
+            log.exception(
+                "%s: handling notification %s raised %s; skipped (logged once, counted in "
+                "Watcher.errors)",
+                self._shared.path,
+                row.get("id"),
+                type(exc).__name__,
+            )

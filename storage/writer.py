@@ -11,125 +11,49 @@ another process honker keeps the GIL, which would freeze the event loop. So:
   its thread, which also takes everything queued while it was busy and settles
   each waiter's future with one ``call_soon_threadsafe`` per event loop.
   A job that raises is dropped from the batch and the rest commit without it.
+- Between batches the thread runs the notification pruner's bounded passes
+  (see :mod:`alkpubsub.storage.pruning`); while rows are left to prune it wakes
+  for them even when nothing is published.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import queue
 import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import time
 from typing import TYPE_CHECKING, Any
 
-from alkpubsub.errors import PublishError, PubSubError
+from alkpubsub.errors import ConnectionLost, PublishError, PubSubError
 
-from .transaction import INSERT_NOTIFICATION, INSERT_STREAM, StoreTransaction
+from .jobs import (
+    CALL,
+    END,
+    NOTIFY,
+    SESSION,
+    STREAM,
+    Failed,
+    Job,
+    Session,
+    WriterStats,
+    send,
+)
+from .transaction import NOTIFY_SQL, STREAM_SQL, StoreTransaction, insert_rows
 
 if TYPE_CHECKING:
-    from .store import SharedDatabase
+    from .pruning import NotificationPruner
+    from .shared import SharedDatabase
+
+log = logging.getLogger("alkpubsub.storage")
 
 MAX_BATCH_JOBS = 4096
 INLINE_MAX_ROWS = 32
 """Largest batch committed on the event loop (about 0.3 ms uncontended)."""
 
 
-@dataclass(slots=True)
-class WriterStats:
-    """Counters of one database's group-commit writer (for benchmarks and ``stats``)."""
-
-    commits: int = 0
-    """Transactions committed (group commits, inline ones included, and sessions)."""
-    jobs: int = 0
-    """Write requests committed (one ``publish``, one ``publish_many``, one ack save...)."""
-    rows: int = 0
-    """Stream rows and notifications written."""
-    largest_batch: int = 0
-    """Most jobs committed in one transaction."""
-    failed_jobs: int = 0
-    """Jobs that raised (their callers got the error)."""
-    inline_commits: int = 0
-    """Commits made on the event loop (uncontended, small); the rest ran on the thread."""
-
-    @property
-    def mean_batch(self) -> float:
-        """Jobs per commit."""
-        return self.jobs / self.commits if self.commits else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        """A plain dict, including ``mean_batch``."""
-        return {**asdict(self), "mean_batch": self.mean_batch}
-
-
-# Job kinds
-STREAM = 1  # arg: (stream, [(key, envelope_text), ...]) -> list of offsets
-NOTIFY = 2  # arg: [(channel, envelope_text), ...] -> None
-CALL = 3  # arg: fn(StoreTransaction) -> result
-SESSION = 4  # arg: Session
-
-
-class Job:
-    """One write request. ``inline`` marks short internal work that may commit on
-    the event loop (never a user's function of unknown length)."""
-
-    __slots__ = ("arg", "future", "inline", "kind", "loop", "origin")
-
-    def __init__(
-        self,
-        kind: int,
-        arg: Any,
-        loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[Any],
-        origin: str,
-        inline: bool = True,
-    ) -> None:
-        self.kind = kind
-        self.arg = arg
-        self.loop = loop
-        self.future = future
-        self.origin = origin
-        self.inline = inline
-
-    @property
-    def rows(self) -> int:
-        if self.kind == STREAM:
-            return len(self.arg[1])
-        if self.kind == NOTIFY:
-            return len(self.arg)
-        return 1
-
-
-class _Failed:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 _STOP = object()
-_END = object()
-
-
-class Session:
-    """An ``atransaction()`` running on the writer thread: it holds the write
-    transaction open and runs the operations the coroutine sends it, in order."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, origin: str) -> None:
-        self.loop = loop
-        self.origin = origin
-        self.begun: asyncio.Future[None] = loop.create_future()
-        self.ops: queue.SimpleQueue[tuple[object, Any, asyncio.Future[Any]]] = queue.SimpleQueue()
-
-    def run(self, fn: Callable[[StoreTransaction], Any]) -> asyncio.Future[Any]:
-        future = self.loop.create_future()
-        self.ops.put((fn, None, future))
-        return future
-
-    def end(self, commit: bool) -> asyncio.Future[Any]:
-        future = self.loop.create_future()
-        self.ops.put((_END, commit, future))
-        return future
+_PRUNE = object()
 
 
 class _Rollback(Exception):
@@ -140,36 +64,6 @@ class _MergedInsertFailed(Exception):
     """A multi-row insert spanning several jobs failed: retry job by job."""
 
 
-_CHUNKS = (64, 8, 1)
-
-
-def _multi_row(sql: str, columns: int, rows: int) -> str:
-    return sql + (", (" + ", ".join("?" * columns) + ")") * (rows - 1)
-
-
-_STREAM_SQL = {n: (_multi_row(INSERT_STREAM, 3, n), 3) for n in _CHUNKS}
-_NOTIFY_SQL = {n: (_multi_row(INSERT_NOTIFICATION, 2, n), 2) for n in _CHUNKS}
-
-
-def _insert_rows(
-    execute: Callable[..., Any], sqls: dict[int, tuple[str, int]], flat: list[Any]
-) -> int:
-    """Insert the rows whose parameters are ``flat``, in statements of 64, 8 and 1
-    rows (few distinct statements, so honker's statement cache keeps them all).
-    Returns the number of rows."""
-    width = sqls[1][1]
-    total = len(flat) // width
-    done = 0
-    for size in _CHUNKS:
-        sql, _ = sqls[size]
-        step = size * width
-        while total - done >= size:
-            start = done * width
-            execute(sql, flat[start : start + step])
-            done += size
-    return total
-
-
 class _JobError(Exception):
     """Job ``index`` of a batch raised ``error``."""
 
@@ -177,26 +71,6 @@ class _JobError(Exception):
         super().__init__(index, error)
         self.index = index
         self.error = error
-
-
-def settle_futures(
-    items: list[tuple[asyncio.Future[Any], Any]], wake: Callable[[], None] | None
-) -> None:
-    """On the futures' loop: set each result (or failure), then wake that loop's watcher."""
-    for future, result in items:
-        if future.done():
-            continue
-        if isinstance(result, _Failed):
-            future.set_exception(result.error)
-        else:
-            future.set_result(result)
-    if wake is not None:
-        wake()
-
-
-def _send(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop was closed; nobody is waiting
-        loop.call_soon_threadsafe(settle_futures, [(future, result)], None)
 
 
 class GroupCommitWriter:
@@ -210,6 +84,7 @@ class GroupCommitWriter:
         self._stopped = False
         self._outstanding = 0
         self._count_lock = threading.Lock()
+        self._prune_requested = False
         self.stats = WriterStats()
 
     def dispatch(self, jobs: list[Job]) -> None:
@@ -232,12 +107,13 @@ class GroupCommitWriter:
             finally:
                 self._shared.gate.release()
             self.stats.inline_commits += 1
-            if committed and not any(isinstance(r, _Failed) for r in results):
+            if committed and not any(isinstance(r, Failed) for r in results):
                 # The common case, settled right here: every job came from this loop.
                 for job, result in zip(jobs, results, strict=True):
                     if not job.future.done():
                         job.future.set_result(result)
                 self._shared.wake_watchers(jobs[0].loop)
+                self.prune_if_due()
             else:
                 self._finish(jobs, results, committed)
             return
@@ -251,6 +127,19 @@ class GroupCommitWriter:
         with self._count_lock:
             self._outstanding += 1
         self._queue.put(job)
+
+    def prune_if_due(self) -> None:
+        """After a commit: ask the thread for a pruning pass if one is due (~0.1 us)."""
+        pruner = self._shared.pruner
+        if pruner is None or self._prune_requested or not pruner.due(time.monotonic()):
+            return
+        self._prune_requested = True
+        try:
+            if self._thread is None:
+                self._start()
+        except PubSubError:
+            return  # closing: no more passes
+        self._queue.put(_PRUNE)
 
     def _start(self) -> None:
         with self._start_lock:
@@ -275,12 +164,17 @@ class GroupCommitWriter:
 
     def _run(self) -> None:
         q = self._queue
+        pruner = self._shared.pruner
         stop = False
         while not stop:
-            first = q.get()
+            wait = pruner.wait(time.monotonic()) if pruner is not None else None
+            try:
+                first = q.get(timeout=wait)
+            except queue.Empty:
+                first = _PRUNE  # rows are waiting to be old enough, and nothing was published
             if first is _STOP:
                 break
-            batch: list[Job] = [first]
+            batch: list[Job] = [] if first is _PRUNE else [first]
             while len(batch) < MAX_BATCH_JOBS:
                 try:
                     job = q.get_nowait()
@@ -289,7 +183,8 @@ class GroupCommitWriter:
                 if job is _STOP:
                     stop = True
                     break
-                batch.append(job)
+                if job is not _PRUNE:
+                    batch.append(job)
             run: list[Job] = []
             for job in batch:
                 if job.kind == SESSION:
@@ -303,7 +198,35 @@ class GroupCommitWriter:
                 self._commit(run)
             with self._count_lock:
                 self._outstanding -= len(batch)
+            if pruner is not None and pruner.due(time.monotonic()):
+                self._prune(pruner)
         self._drain_after_stop()
+
+    def _prune(self, pruner: NotificationPruner) -> None:
+        """One bounded pruning pass in its own short transaction."""
+        self._prune_requested = False
+        shared = self._shared
+        now = time.monotonic()
+        if shared.lost is not None:
+            pruner.failed(now)
+            return
+        try:
+            shared.gate.acquire()
+        except PubSubError:
+            pruner.failed(now)  # another writer is busy for long: publishes come first
+            return
+        try:
+            with shared.db.transaction() as htx:
+                deleted = pruner.run(StoreTransaction(htx, ""), now, shared.unread_after())
+        except Exception as exc:  # e.g. the disk is full; the pass is retried later
+            pruner.failed(now)
+            self.stats.prune_failures += 1
+            if self.stats.prune_failures == 1:
+                log.warning("%s: pruning notifications failed (retried): %s", shared.path, exc)
+            return
+        finally:
+            shared.gate.release()
+        self.stats.pruned_notifications += deleted
 
     def _drain_after_stop(self) -> None:
         while True:
@@ -314,16 +237,21 @@ class GroupCommitWriter:
             if isinstance(job, Job):
                 closed = PubSubError(f"the store for {self._shared.path!r} was closed")
                 if job.kind == SESSION:
-                    _send(job.loop, job.arg.begun, _Failed(closed))
+                    send(job.loop, job.arg.begun, Failed(closed))
                 else:
-                    _send(job.loop, job.future, _Failed(closed))
+                    send(job.loop, job.future, Failed(closed))
 
     def _commit(self, batch: list[Job]) -> None:
+        lost = self._shared.lost
+        if lost is not None:
+            failed = Failed(ConnectionLost(str(lost)))
+            self._finish(batch, [failed] * len(batch), committed=False)
+            return
         gate = self._shared.gate
         try:
             gate.acquire()
         except PubSubError as exc:
-            self._finish(batch, [_Failed(exc)] * len(batch), committed=False)
+            self._finish(batch, [Failed(exc)] * len(batch), committed=False)
             return
         try:
             results, committed = self._commit_locked(batch)
@@ -345,11 +273,11 @@ class GroupCommitWriter:
                 merge = False  # insert job by job to find the one that fails
                 continue
             except _JobError as failed:
-                results[remaining.pop(failed.index)] = _Failed(failed.error)
+                results[remaining.pop(failed.index)] = Failed(failed.error)
                 continue
             except Exception as exc:  # BEGIN or COMMIT failed: nothing was stored
                 for i in remaining:
-                    results[i] = _Failed(exc)
+                    results[i] = Failed(exc)
                 return results, False
             for i, result in zip(remaining, done, strict=True):
                 results[i] = result
@@ -391,14 +319,14 @@ class GroupCommitWriter:
                     for each in batch[i:end]:
                         for key, text in each.arg[1]:
                             flat += (stream, key, text)
-                    sqls = _STREAM_SQL
+                    sqls = STREAM_SQL
                 else:
                     for each in batch[i:end]:
                         for channel, text in each.arg:
                             flat += (channel, text)
-                    sqls = _NOTIFY_SQL
+                    sqls = NOTIFY_SQL
                 try:
-                    n = _insert_rows(execute, sqls, flat)
+                    n = insert_rows(execute, sqls, flat)
                 except Exception as exc:
                     if end - i > 1:
                         raise _MergedInsertFailed() from exc
@@ -422,7 +350,7 @@ class GroupCommitWriter:
     def _finish(self, batch: list[Job], results: list[Any], committed: bool) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
         for job, result in zip(batch, results, strict=True):
-            if isinstance(result, _Failed):
+            if isinstance(result, Failed):
                 self.stats.failed_jobs += 1
                 if job.kind != CALL and not isinstance(result.error, PubSubError):
                     error = PublishError(
@@ -430,7 +358,7 @@ class GroupCommitWriter:
                         "nothing of this publish was stored"
                     )
                     error.__cause__ = result.error
-                    result = _Failed(error)
+                    result = Failed(error)
             by_loop.setdefault(job.loop, []).append((job.future, result))
         self._shared.after_commit(by_loop, committed)
 
@@ -440,14 +368,14 @@ class GroupCommitWriter:
         try:
             gate.acquire()
         except PubSubError as exc:
-            _send(session.loop, session.begun, _Failed(exc))
+            send(session.loop, session.begun, Failed(exc))
             return
         committed = False
         end_future: asyncio.Future[Any] | None = None
         try:
             with self._shared.db.transaction() as htx:
                 tx = StoreTransaction(htx, session.origin)
-                _send(session.loop, session.begun, None)
+                send(session.loop, session.begun, None)
                 while True:
                     try:
                         fn, commit, future = session.ops.get(timeout=1.0)
@@ -455,7 +383,7 @@ class GroupCommitWriter:
                         if session.loop.is_closed():
                             raise _Rollback() from None
                         continue
-                    if fn is _END:
+                    if fn is END:
                         end_future = future
                         if commit:
                             break
@@ -463,8 +391,8 @@ class GroupCommitWriter:
                     try:
                         result = fn(tx)  # type: ignore[operator]
                     except Exception as exc:
-                        result = _Failed(exc)
-                    _send(session.loop, future, result)
+                        result = Failed(exc)
+                    send(session.loop, future, result)
             committed = True
             self.stats.commits += 1
             self.stats.jobs += 1
@@ -472,13 +400,13 @@ class GroupCommitWriter:
             pass
         except Exception as exc:
             if end_future is not None:
-                _send(session.loop, end_future, _Failed(exc))
+                send(session.loop, end_future, Failed(exc))
                 end_future = None
             else:
-                _send(session.loop, session.begun, _Failed(exc))
+                send(session.loop, session.begun, Failed(exc))
         finally:
             gate.release()
         if end_future is not None:
-            _send(session.loop, end_future, None)
+            send(session.loop, end_future, None)
         if committed:
             self._shared.after_commit({}, True)

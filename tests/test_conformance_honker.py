@@ -3,6 +3,12 @@
 Each test gets its own database file; every transport the factory makes opens
 that same file, so one transport can publish and another receive (in this
 process they share one honker Database, writer and watcher, as in production).
+
+``garbage_writer`` writes foreign rows into that file from another process with
+Python's ``sqlite3`` (in this process a second SQLite library would break
+honker's locks): BLOB and non-UTF-8 values, invalid JSON, JSON that is not an
+envelope, an envelope whose topic disagrees with its channel, nesting far past
+the parser's limit, numbers too large for it.
 """
 
 from __future__ import annotations
@@ -10,9 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_honker import garbage_notifications, write_foreign_rows
+from test_honker_durable import garbage_stream_rows
 
 import alkpubsub
-from alkpubsub.conformance import TransportFactory, TransportSuite
+from alkpubsub.conformance import GarbageWriter, TransportFactory, TransportSuite
 
 
 class TestHonkerConformance(TransportSuite):
@@ -25,6 +33,15 @@ class TestHonkerConformance(TransportSuite):
 
         return make
 
+    @pytest.fixture
+    def garbage_writer(self, tmp_path: Path) -> GarbageWriter:
+        async def write(topic: str) -> int:
+            rows = garbage_notifications(topic)
+            await write_foreign_rows(str(tmp_path / "events.db"), rows)
+            return len(rows)
+
+        return write
+
 
 class TestHonkerDurableConformance(TransportSuite):
     @pytest.fixture
@@ -35,3 +52,12 @@ class TestHonkerDurableConformance(TransportSuite):
             return await alkpubsub.connect(url)
 
         return make
+
+    @pytest.fixture
+    def garbage_writer(self, tmp_path: Path) -> GarbageWriter:
+        async def write(topic: str) -> int:
+            rows = garbage_stream_rows("events", topic)
+            await write_foreign_rows(str(tmp_path / "events.db"), rows)
+            return len(rows)
+
+        return write

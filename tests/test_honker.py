@@ -5,6 +5,9 @@ notify, malformed rows, and delivery between real processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import alkpubsub
-from alkpubsub import ConfigError, Event
+from alkpubsub import ConfigError, ConnectionLost, Event
 from alkpubsub.config import parse_url
 from alkpubsub.conformance import collect, nothing_more
 from alkpubsub.transports._honker_common import database_path
@@ -193,3 +196,163 @@ async def test_this_process_publishes_and_another_one_receives(url: str) -> None
     assert [line[0] for line in lines] == [e.id for e in sent]
     assert {line[1] for line in lines} == {transport.origin}
     await transport.close()
+
+
+# -- rows written by other SQLite clients ------------------------------------------
+
+FOREIGN_SQL = """
+import json, sqlite3, sys
+c = sqlite3.connect(sys.argv[1], timeout=30)
+for sql, params in json.load(sys.stdin):
+    c.execute(sql, [bytes.fromhex(p["hex"]) if isinstance(p, dict) else p for p in params])
+c.commit()
+c.close()
+"""
+
+Statement = tuple[str, list[object]]
+
+
+async def write_foreign_rows(path: str, statements: list[Statement]) -> None:
+    """Run ``statements`` on ``path`` in one transaction of another process using
+    Python's sqlite3 (a second SQLite library in THIS process would break honker's
+    locks). ``bytes`` parameters are bound as BLOBs."""
+    encoded = [
+        (sql, [{"hex": p.hex()} if isinstance(p, bytes) else p for p in params])
+        for sql, params in statements
+    ]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FOREIGN_SQL, path, stdin=subprocess.PIPE
+    )
+    await asyncio.wait_for(child.communicate(json.dumps(encoded).encode()), 30)
+    assert child.returncode == 0
+
+
+def envelope(topic: str, payload: object = "x") -> str:
+    """A valid alkpubsub envelope text for ``topic``."""
+    event, body = Event.create(topic, payload, origin="foreign")
+    return event.envelope(body).decode()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE = '{"n": 1e999999, "m": ' + "9" * 5000 + "}"
+NOTIFY = "INSERT INTO _honker_notifications (channel, payload) VALUES (?, ?)"
+
+
+def garbage_notifications(topic: str) -> list[Statement]:
+    """Notification rows a live subscription to ``topic`` reads and must count as
+    malformed, one per kind of garbage another SQLite client can write."""
+    return [
+        (NOTIFY, [topic.encode(), envelope(topic)]),  # BLOB channel (the topic's bytes)
+        (NOTIFY, [b"\x00\xff", envelope(topic)]),  # BLOB channel naming no topic
+        (NOTIFY, [topic, b"\x00\xff"]),  # BLOB payload
+        (NOTIFY, [topic, envelope(topic).encode()]),  # a valid envelope, but as a BLOB
+        (NOTIFY, [topic, "{not json"]),
+        (NOTIFY, [topic, '{"not": "an envelope"}']),
+        (NOTIFY, [topic, envelope("someone:else")]),  # envelope topic != channel
+        (NOTIFY, [topic, DEEP]),
+        (NOTIFY, [topic, HUGE]),
+        ("INSERT INTO _honker_notifications (channel, payload) VALUES (?, CAST(? AS TEXT))",
+         [topic, b"\xff\xfe"]),  # TEXT that is not UTF-8
+        ("INSERT INTO _honker_notifications (channel, payload, created_at) VALUES (?, ?, ?)",
+         [topic, "[]", "not a time"]),
+    ]
+
+
+async def test_foreign_rows_of_any_type_do_not_stop_live_subscriptions(url: str) -> None:
+    transport = await alkpubsub.connect(url)
+    assert isinstance(transport, HonkerTransport)
+    garbage = garbage_notifications("jobs:raw")
+    async with transport.subscribe("jobs:raw") as exact, transport.subscribe("jobs:>") as wild:
+        await write_foreign_rows(transport.store.path, garbage)
+        await transport.publish("jobs:raw", "after")
+        for sub in (exact, wild):
+            [got] = await collect(sub, 1)
+            assert got.payload == "after"
+            assert sub.stats.malformed == len(garbage)
+        # A subscription opened now works too (the watcher never stopped).
+        async with transport.subscribe("jobs:raw") as later:
+            await transport.publish("jobs:raw", "later")
+            [got] = await collect(later, 1)
+            assert got.payload == "later"
+    await transport.close()
+
+
+async def test_a_valid_envelope_with_a_foreign_created_at_is_delivered(url: str) -> None:
+    transport = await alkpubsub.connect(url)
+    assert isinstance(transport, HonkerTransport)
+    sent = envelope("jobs:raw", 7)
+    async with transport.subscribe("jobs:raw") as sub:
+        await write_foreign_rows(
+            transport.store.path,
+            [
+                (
+                    "INSERT INTO _honker_notifications (channel, payload, created_at) "
+                    "VALUES (?, ?, ?)",
+                    ["jobs:raw", sent, "not a time"],
+                ),
+                (NOTIFY, [5, envelope("5")]),  # integer channel: stored as the text '5'
+            ],
+        )
+        [got] = await collect(sub, 1)
+    assert got.payload == 7 and sub.stats.malformed == 0
+    await transport.close()
+
+
+# -- when the file itself goes away -------------------------------------------------
+
+REPLACEMENT = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+c.execute("CREATE TABLE unrelated (a)")
+c.commit()
+c.close()
+"""
+
+
+async def replace_file(path: str) -> None:
+    """Swap a fresh SQLite file in at ``path`` (as a restore from backup would)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", REPLACEMENT, path + ".new"
+    )
+    assert await asyncio.wait_for(child.wait(), 30) == 0
+    os.replace(path + ".new", path)
+
+
+def delete_file(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + suffix)
+
+
+@pytest.mark.parametrize("how", ["replaced", "deleted"])
+async def test_a_lost_file_fails_subscriptions_loudly_and_a_new_transport_works(
+    url: str, how: str
+) -> None:
+    transport = await alkpubsub.connect(url)
+    assert isinstance(transport, HonkerTransport)
+    path = transport.store.path
+    async with transport.subscribe("a:b") as sub:
+        await transport.publish("a:b", 1)
+        await collect(sub, 1)
+        if how == "replaced":
+            await replace_file(path)
+        else:
+            delete_file(path)
+        with pytest.raises(ConnectionLost, match=how):
+            await sub.get(timeout=10)
+    # Neither a new subscription nor a publish on the old transport may go silently
+    # to the old file: both say so.
+    with pytest.raises(ConnectionLost, match=how):
+        async with transport.subscribe("a:b") as again:
+            await again.get(timeout=10)
+    with pytest.raises(ConnectionLost, match=how):
+        await transport.publish("a:b", 2)
+    await transport.close()
+    # A new transport opens the file now at the path and sees other processes.
+    fresh = await alkpubsub.connect(url)
+    async with fresh.subscribe("xproc:*") as sub:
+        child = await run_child(PUBLISHER, url, "3")
+        await asyncio.wait_for(child.communicate(), 30)
+        got = await collect(sub, 3)
+    assert [e.payload["i"] for e in got] == [0, 1, 2]
+    await fresh.close()

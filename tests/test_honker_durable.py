@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_honker import DEEP, HUGE, Statement, envelope, write_foreign_rows
 
 import alkpubsub
 from alkpubsub import ConfigError, ConsumerBusy, Event, Settings
@@ -264,4 +265,54 @@ async def test_publisher_killed_mid_batch_leaves_only_whole_batches(url: str) ->
     assert all(items == list(range(50)) for items in batches.values())
     assert reported <= set(batches)
     assert sorted(batches) == list(range(len(batches)))
+    await transport.close()
+
+
+# -- rows written by other SQLite clients ------------------------------------------
+
+APPEND = "INSERT INTO _honker_stream (topic, key, payload) VALUES (?, ?, ?)"
+
+
+def garbage_stream_rows(stream: str, topic: str) -> list[Statement]:
+    """Rows of ``stream`` that a durable subscription to ``topic`` reads and must
+    count as malformed, one per kind of garbage another SQLite client can write."""
+    looks_like_topic = envelope(topic)[:-1] + ', "payload": oops}'
+    return [
+        (APPEND, [stream, None, b"\x00\xff"]),  # BLOB payload
+        (APPEND, [stream, None, envelope(topic).encode()]),  # a valid envelope, as a BLOB
+        (APPEND, [stream, b"\x01", "{not json"]),  # and a BLOB key
+        (APPEND, [stream, None, '{"not": "an envelope"}']),
+        (APPEND, [stream, None, looks_like_topic]),  # reads as `topic`, does not parse
+        # Starts like an envelope of `topic`, but its last "topic" key says otherwise.
+        (APPEND, [stream, None, envelope(topic)[:-1] + ', "topic": "someone:else"}']),
+        (APPEND, [stream, None, DEEP]),
+        (APPEND, [stream, None, HUGE]),
+        ("INSERT INTO _honker_stream (topic, payload) VALUES (?, CAST(? AS TEXT))",
+         [stream, b"\xff\xfe"]),  # TEXT that is not UTF-8
+        ("INSERT INTO _honker_stream (topic, payload, created_at) VALUES (?, ?, ?)",
+         [stream, "[]", "not a time"]),
+    ]
+
+
+@pytest.mark.parametrize("consumer", [None, "worker"])
+async def test_foreign_rows_of_any_type_do_not_stop_durable_readers(
+    url: str, consumer: str | None
+) -> None:
+    transport = await durable(url)
+    garbage = garbage_stream_rows("events", "jobs:raw")
+    # Rows whose topic column is not the stream's name (a BLOB 'events') are not part
+    # of the stream at all: nobody reads them.
+    unread: list[Statement] = [(APPEND, [b"events", None, envelope("jobs:raw")])]
+    async with (
+        transport.subscribe("jobs:raw", consumer=consumer, start="earliest") as exact,
+        transport.subscribe("jobs:*", start="earliest") as wild,
+    ):
+        await write_foreign_rows(transport.store.path, garbage + unread)
+        sent = await transport.publish("jobs:raw", "after")
+        for sub in (exact, wild):
+            [got] = await collect_acking(sub, 1)
+            assert got.id == sent.id
+            assert sub.stats.malformed == len(garbage)
+    # Only the rows whose envelope names a topic could be filed under it.
+    assert exact.stats.dead_lettered == (2 if consumer else 0)
     await transport.close()

@@ -4,18 +4,24 @@ the group-commit writer. Real SQLite files through honker; no mocks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+import alkpubsub
 from alkpubsub import Closed, ConfigError, Event, InvalidTopic, PayloadError, PubSubError
+from alkpubsub.conformance import collect
 from alkpubsub.errors import PublishError
 from alkpubsub.storage import Store, Stores, open_store
+from alkpubsub.transports.honker import HonkerTransport
 
 
 @pytest.fixture
@@ -175,6 +181,161 @@ def test_memory_databases_are_refused(bad: str) -> None:
 def test_missing_directory_is_refused_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist; create it"):
         open_store(tmp_path / "nowhere" / "app.db")
+
+
+# -- files: owner-only, and nothing left behind by a failed open ------------------
+
+
+@contextlib.contextmanager
+def unwritable_directory(parent: Path) -> Iterator[Path]:
+    """A directory this process cannot create files in. As root (here, in CI
+    containers) chmod stops nothing, so it is a read-only tmpfs mount; else chmod."""
+    where = parent / "locked"
+    where.mkdir()
+    if os.geteuid() != 0:
+        where.chmod(0o500)
+        try:
+            yield where
+        finally:
+            where.chmod(0o700)
+        return
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(where)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root and cannot mount a read-only tmpfs: {mounted.stderr!r}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000, 0o277])
+def test_new_database_files_are_owner_only_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    old = os.umask(umask)
+    try:
+        store = open_store(tmp_path / "private.db")
+        with store.transaction() as tx:
+            tx.execute("CREATE TABLE t (a)")  # the WAL exists once something is written
+    finally:
+        os.umask(old)
+    try:
+        modes = {s: mode(store.path + s) for s in ("", "-wal", "-shm", "-alkpubsub.lock")}
+    finally:
+        store.close()
+    assert modes == {"": 0o600, "-wal": 0o600, "-shm": 0o600, "-alkpubsub.lock": 0o600}
+
+
+def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    open_store(path).close()
+    os.chmod(path, 0o640)
+    with open_store(path) as store, store.transaction() as tx:
+        tx.execute("CREATE TABLE t (a)")
+    assert mode(path) == 0o640
+
+
+@pytest.mark.parametrize("case", ["missing directory", "directory", "not sqlite", "unwritable"])
+def test_a_failed_open_raises_config_error_and_leaves_no_lock_file(
+    tmp_path: Path, case: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        where = tmp_path
+        if case == "unwritable":
+            where = stack.enter_context(unwritable_directory(tmp_path))
+        path = where / "app.db"
+        if case == "missing directory":
+            path = tmp_path / "nowhere" / "app.db"
+        elif case == "directory":
+            path.mkdir()
+        elif case == "not sqlite":
+            path.write_bytes(b"these are my notes, not a database\n" * 100)
+        with pytest.raises(ConfigError) as raised:
+            open_store(path)
+        assert not os.path.exists(f"{path}-alkpubsub.lock")
+        assert str(path) in str(raised.value)
+    if case == "not sqlite":
+        assert path.read_bytes() == b"these are my notes, not a database\n" * 100
+
+
+# -- automatic pruning of notifications --------------------------------------------
+
+RETENTION = 1.0
+
+
+async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Poll ``condition`` every 20 ms for at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {within} s")
+        await asyncio.sleep(0.02)
+
+
+def notifications(store: Store) -> int:
+    return count(store, "SELECT COUNT(*) AS n FROM _honker_notifications")
+
+
+async def test_notifications_are_pruned_once_older_than_the_retention(tmp_path: Path) -> None:
+    store = open_store(tmp_path / "app.db", notify_retention=RETENTION)
+    try:
+        start = time.monotonic()
+        for i in range(10):  # ten commits, on the loop and on the writer thread
+            await store.notify_many([("cache:x", f'{{"n":{i}}}')] * (5 if i % 2 else 50))
+        assert store.writer_stats.pruned_notifications == 0
+        # Nothing is published from here on: the writer wakes up by itself to prune.
+        await wait_for(lambda: notifications(store) == 0, RETENTION + 15, "pruning")
+        gone = time.monotonic()
+    finally:
+        store.close()
+    # No row can have been deleted before it was RETENTION old (each was committed
+    # after `start`); this bound holds however slow the machine is.
+    assert gone - start >= RETENTION
+    assert store.writer_stats.pruned_notifications == 275
+
+
+async def test_pruning_never_deletes_a_row_a_live_subscriber_has_not_read(tmp_path: Path) -> None:
+    url = f"honker://{tmp_path}/app.db?notify_retention={RETENTION}"
+    transport = await alkpubsub.connect(url)
+    assert isinstance(transport, HonkerTransport)
+    pruner = transport.store.shared.pruner
+    assert pruner is not None and pruner.retention == RETENTION
+    async with transport.subscribe("cache:*") as sub:
+        sent = await transport.publish_many([("cache:x", i) for i in range(100)])
+        # Stall this event loop before its watcher reads the rows, as a busy or
+        # paused subscriber would, until the writer thread has run pruning passes
+        # for longer than the retention: the rows are old enough, but unread.
+        passes, stalled = pruner.passes, time.monotonic()
+        while pruner.passes < passes + 2 or time.monotonic() - stalled < RETENTION * 1.5:
+            time.sleep(0.01)  # noqa: ASYNC251 - the stall is the point
+        got = await collect(sub, 100)
+        assert [e.id for e in got] == [e.id for e in sent]
+        # Once read, the rows go.
+        await wait_for(lambda: notifications(transport.store) == 0, RETENTION + 15, "pruning")
+    await transport.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "retention"), [("", 60.0), ("?notify_retention=5", 5.0), ("?notify_retention=0", 0)]
+)
+async def test_notify_retention_comes_from_the_url(
+    tmp_path: Path, query: str, retention: float
+) -> None:
+    scheme = "honker+durable" if retention == 5.0 else "honker"
+    transport = await alkpubsub.connect(f"{scheme}://{tmp_path}/app.db{query}")
+    store = transport.store  # type: ignore[attr-defined]
+    pruner = store.shared.pruner
+    assert (pruner.retention if pruner else 0) == retention
+    await transport.close()
+
+
+def test_bad_notify_retention_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="notify_retention"):
+        open_store(tmp_path / "app.db", notify_retention=-1)
 
 
 # -- Stores ---------------------------------------------------------------------

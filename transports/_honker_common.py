@@ -24,7 +24,13 @@ from alkpubsub.capabilities import Start
 from alkpubsub.config import ParsedUrl
 from alkpubsub.errors import ConfigError, ConsumerBusy, InvalidTopic
 from alkpubsub.event import Event
-from alkpubsub.storage import Store, StoreTransaction, build_event, open_store
+from alkpubsub.storage import (
+    DEFAULT_NOTIFY_RETENTION,
+    Store,
+    StoreTransaction,
+    build_event,
+    open_store,
+)
 from alkpubsub.topics import dead_letter_topic
 
 
@@ -55,9 +61,12 @@ def database_path(url: ParsedUrl) -> str:
 class StoreHolder:
     """Opens the transport's store on first use, off the event loop."""
 
-    def __init__(self, path: str, origin: str) -> None:
+    def __init__(
+        self, path: str, origin: str, notify_retention: float = DEFAULT_NOTIFY_RETENTION
+    ) -> None:
         self.path = path
         self.origin = origin
+        self.notify_retention = notify_retention
         self.store: Store | None = None
         self._opening: asyncio.Lock | None = None
 
@@ -69,14 +78,17 @@ class StoreHolder:
         async with self._opening:
             if self.store is None:
                 # Opening may create the file and wait for another writer: not on the loop.
-                self.store = await asyncio.to_thread(open_store, self.path, origin=self.origin)
+                self.store = await asyncio.to_thread(self._open)
         return self.store
 
     def open_now(self) -> Store:
         """Open synchronously (for callers outside the event loop)."""
         if self.store is None:
-            self.store = open_store(self.path, origin=self.origin)
+            self.store = self._open()
         return self.store
+
+    def _open(self) -> Store:
+        return open_store(self.path, origin=self.origin, notify_retention=self.notify_retention)
 
     def close(self) -> None:
         if self.store is not None:

@@ -14,26 +14,35 @@ Features
     One wake-up watcher and one read per commit serve every subscription on
     the file in this process (see ``alkpubsub.storage``).
 
-    Notifications are not pruned automatically: schedule
-    ``transport.store.prune(older_than=...)`` (or honker's
-    ``prune_notifications``) in long-running deployments.
+    Notifications are pruned automatically by each process that writes the
+    file, once older than ``notify_retention`` seconds (never a row a watcher
+    of this process has not read yet); see ``alkpubsub.storage.pruning``.
+    Rows other SQLite clients write that are not envelopes of their channel's
+    topic (BLOBs, invalid JSON, ...) are counted in ``stats.malformed`` and
+    skipped. If the file is replaced or deleted while open, subscriptions and
+    publishes raise ``ConnectionLost``; a new transport opens the new file.
 
 Connection String
     ``honker:///abs/path/events.db``   an absolute path
     ``honker:///./events.db``          relative to the working directory
     ``honker://./events.db``           the same, without the third slash
-    The file is created if missing; its directory must exist.
+    The file is created if missing (mode 0600); its directory must exist.
 
 Transport Options
-    none (``Settings.origin`` sets the origin stamped on published events)
+    notify_retention  60   seconds a notification is kept before this process's
+                           writer prunes it; 0 = never. The first store opened on a
+                           path in a process sets it.
+    (``Settings.origin`` sets the origin stamped on published events.)
 """
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
 from alkpubsub.event import Event
-from alkpubsub.storage import Store, Watcher
+from alkpubsub.storage import DEFAULT_NOTIFY_RETENTION, Store, Watcher
 from alkpubsub.transport import BaseTransport, Subscription
 
 from ._honker_common import StoreHolder, database_path
@@ -67,10 +76,16 @@ class HonkerTransport(BaseTransport):
         ordered=True, wildcards=True, cross_process=True, transactional_publish=True
     )
 
-    def __init__(self, path: str, *, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        origin: str | None = None,
+        notify_retention: float = DEFAULT_NOTIFY_RETENTION,
+    ) -> None:
         super().__init__(origin=origin)
         self.name = f"honker://{path}" if path.startswith("/") else f"honker:///{path}"
-        self._holder = StoreHolder(path, self.origin)
+        self._holder = StoreHolder(path, self.origin, notify_retention)
 
     async def connect(self) -> None:
         """Open the database file (shared with every transport on it in this process)."""
@@ -103,11 +118,15 @@ class HonkerTransport(BaseTransport):
 
 
 class _Options(TransportOptions):
-    pass
+    notify_retention: float = Field(DEFAULT_NOTIFY_RETENTION, ge=0)
 
 
 def from_url(url: str, settings: Settings | None = None) -> HonkerTransport:
     """Build a transport from ``honker:///path/events.db`` (see the module docstring)."""
     parsed = parse_url(url)
-    parse_options(_Options, parsed, settings)
-    return HonkerTransport(database_path(parsed), origin=settings.origin if settings else None)
+    options = parse_options(_Options, parsed, settings)
+    return HonkerTransport(
+        database_path(parsed),
+        origin=settings.origin if settings else None,
+        notify_retention=options.notify_retention,
+    )

@@ -9,9 +9,13 @@ Features
 
     All topics share one honker stream (``_honker_stream.topic`` = the stream
     name); each row's payload is the event's JSON envelope and its offset is
-    ``event.offset``. A subscription reads rows after its position through
-    honker's reader pool, skips topics its pattern does not match, and pauses
-    while its buffer is full (backpressure, nothing dropped). Reads are woken by
+    ``event.offset``. A row that is no envelope (written by another SQLite
+    client: a BLOB, invalid or non-UTF-8 text, an envelope naming two topics) is
+    counted in ``stats.malformed`` and skipped, and a named consumer files it
+    under ``<topic>:dead`` when its text names a topic; it never stops a reader.
+    A subscription reads rows after its position through honker's reader pool,
+    skips topics its pattern does not match, and pauses while its buffer is
+    full (backpressure, nothing dropped). Reads are woken by
     the database's shared watcher on every commit, from any process.
 
     A named ``consumer`` keeps its position in honker's ``_honker_stream_consumers``
@@ -45,6 +49,9 @@ Transport Options
                              longest a name stays taken after its holder crashed on
                              another host or container; a crashed local process frees it at once)
     read_batch      128      rows per read query
+    notify_retention 60      seconds ``honker://`` notifications in the same file are
+                             kept before this process's writer prunes them; 0 = never
+                             (stream rows are pruned only by ``store.prune``)
 """
 
 from __future__ import annotations
@@ -58,9 +65,15 @@ from pydantic import Field, field_validator
 
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
-from alkpubsub.errors import ConnectionLost, ConsumerBusy, PayloadError
+from alkpubsub.errors import ConnectionLost, ConsumerBusy, PubSubError
 from alkpubsub.event import Event
-from alkpubsub.storage import DEFAULT_STREAM, Store, Watcher, check_stream_name
+from alkpubsub.storage import (
+    DEFAULT_NOTIFY_RETENTION,
+    DEFAULT_STREAM,
+    Store,
+    Watcher,
+    check_stream_name,
+)
 from alkpubsub.transport import BaseTransport, Subscription
 
 from ._honker_common import (
@@ -192,15 +205,22 @@ class HonkerDurableSubscription(Subscription):
                 continue
             for row in rows:
                 offset: int = row["offset"]
-                text: str | bytes = row["payload"]  # bytes if a foreign writer stored a BLOB
+                text: object = row["payload"]  # any type: other SQLite clients write too
                 self._pos = offset
-                topic = envelope_topic(text) if isinstance(text, str) else None
+                if type(text) is not str:
+                    await self._malformed(offset, None, text, "the payload is not text")
+                    continue
+                topic = envelope_topic(text)
                 if topic is not None and not matches(topic):
                     continue
                 try:
                     event = Event.from_json(text)
-                except PayloadError as exc:
+                except Exception as exc:  # PayloadError, or whatever else a parser may raise
                     await self._malformed(offset, topic, text, exc)
+                    continue
+                if topic is not None and event.topic != topic:
+                    detail = f"its envelope names topics {topic!r} and {event.topic[:80]!r}"
+                    await self._malformed(offset, topic, text, detail)
                     continue
                 if not matches(event.topic):
                     continue
@@ -219,16 +239,23 @@ class HonkerDurableSubscription(Subscription):
                 await asyncio.sleep(0)  # let others run between batches
 
     async def _malformed(
-        self, offset: int, topic: str | None, text: str | bytes, exc: Exception
+        self, offset: int, topic: str | None, text: object, problem: Exception | str
     ) -> None:
+        """Count a row that is no event; a named consumer also files it under
+        ``<topic>:dead`` when its envelope names a topic it subscribes to."""
         stream = self.transport.stream
-        self.transport.report_malformed(self, "envelope", f"{stream!r} offset {offset}: {exc}")
+        self.transport.report_malformed(self, "envelope", f"{stream!r} offset {offset}: {problem}")
         if topic is None or not self.pattern.matches(topic) or self._lease is None:
             return  # no topic to file it under, or no consumer to own it
-        raw = text if isinstance(text, str) else text.decode("utf-8", "replace")
-        await self.transport._bury(
-            topic, raw, {"x-dead-reason": f"malformed envelope: {exc}"}, offset, self.consumer
-        )
+        assert isinstance(text, str)
+        try:
+            reason = {"x-dead-reason": f"malformed envelope: {problem}"}
+            await self.transport._bury(topic, text, reason, offset, self.consumer)
+        except PubSubError as exc:
+            # The row is undeliverable either way; a reader must not stop because its
+            # copy for the dead-letter topic could not be written (e.g. disk full).
+            log.warning("%s: offset %s skipped, not dead-lettered: %s", self, offset, exc)
+            return
         self.stats.dead_lettered += 1
 
     # -- acknowledgement ---------------------------------------------------
@@ -342,6 +369,7 @@ class HonkerDurableTransport(BaseTransport):
         consumer_ttl: int = 30,
         read_batch: int = 128,
         origin: str | None = None,
+        notify_retention: float = DEFAULT_NOTIFY_RETENTION,
     ) -> None:
         super().__init__(origin=origin)
         self.stream = check_stream_name(stream)
@@ -350,7 +378,7 @@ class HonkerDurableTransport(BaseTransport):
         self.read_batch = read_batch
         where = f"//{path}" if path.startswith("/") else f"///{path}"
         self.name = f"honker+durable:{where}?stream={stream}"
-        self._holder = StoreHolder(path, self.origin)
+        self._holder = StoreHolder(path, self.origin, notify_retention)
 
     async def connect(self) -> None:
         """Open the database file (shared with every transport on it in this process)."""
@@ -411,6 +439,7 @@ class _Options(TransportOptions):
     max_deliveries: int = Field(5, ge=1)
     consumer_ttl: int = Field(30, ge=3)
     read_batch: int = Field(128, ge=1, le=10_000)
+    notify_retention: float = Field(DEFAULT_NOTIFY_RETENTION, ge=0)
 
     @field_validator("stream")
     @classmethod
@@ -433,4 +462,5 @@ def from_url(url: str, settings: Settings | None = None) -> HonkerDurableTranspo
         consumer_ttl=options.consumer_ttl,
         read_batch=options.read_batch,
         origin=settings.origin if settings else None,
+        notify_retention=options.notify_retention,
     )

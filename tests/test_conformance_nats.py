@@ -2,38 +2,73 @@
 
 from __future__ import annotations
 
+import nats
 import pytest
 from brokers import NatsServer
+from nats_garbage import wait_stored, write_garbage
 
 import alkpubsub
-from alkpubsub.conformance import TransportFactory, TransportSuite, unique
+from alkpubsub.conformance import GarbageWriter, TransportFactory, TransportSuite, unique
 from alkpubsub.conformance.restart import BrokerRestartSuite
+from alkpubsub.transports._nats_common import to_subject
 
 
 class TestNatsConformance(TransportSuite):
     @pytest.fixture
-    def factory(self, nats_server_session: NatsServer) -> TransportFactory:
+    def prefix(self) -> str:
         # A subject prefix per test keeps tests apart on the shared server.
-        url = f"{nats_server_session.url}?prefix={unique('alk')}"
+        return unique("alk")
+
+    @pytest.fixture
+    def factory(self, nats_server_session: NatsServer, prefix: str) -> TransportFactory:
+        url = f"{nats_server_session.url}?prefix={prefix}"
 
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 
         return make
+
+    @pytest.fixture
+    def garbage_writer(self, nats_server_session: NatsServer, prefix: str) -> GarbageWriter:
+        server = nats_server_session
+
+        async def write(topic: str) -> int:
+            return await write_garbage(server.url, server.port, to_subject(prefix, topic), topic)
+
+        return write
 
 
 class TestNatsDurableConformance(TransportSuite):
     @pytest.fixture
-    def factory(self, nats_server_session: NatsServer) -> TransportFactory:
+    def stream(self) -> str:
         # Streams' subjects must not overlap: a stream (and so a prefix) per test.
-        url = (
-            f"{nats_server_session.url.replace('nats://', 'nats+durable://')}?stream={unique('S')}"
-        )
+        return unique("S")
+
+    @pytest.fixture
+    def factory(self, nats_server_session: NatsServer, stream: str) -> TransportFactory:
+        url = f"{nats_server_session.url.replace('nats://', 'nats+durable://')}?stream={stream}"
 
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 
         return make
+
+    @pytest.fixture
+    def garbage_writer(self, nats_server_session: NatsServer, stream: str) -> GarbageWriter:
+        server = nats_server_session
+
+        async def write(topic: str) -> int:
+            nc = await nats.connect(server.url)
+            try:
+                stored = (await nc.jetstream().stream_info(stream)).state.messages
+            finally:
+                await nc.close()
+            # The stream's subjects are '<stream>.>': the stream name is the prefix.
+            written = await write_garbage(server.url, server.port, to_subject(stream, topic), topic)
+            await wait_stored(server.url, stream, stored + written)
+            return written
+
+        return write
 
 
 class TestNatsRestart(BrokerRestartSuite):

@@ -4,6 +4,7 @@ and reconnects, slow consumers. The shared behaviour is in the conformance suite
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import nats
 import pytest
 from brokers import HOST, NatsServer, free_port, require_binary
+from nats_garbage import envelope, send_raw, until_malformed, write_garbage
 
 import alkpubsub
 from alkpubsub import ConfigError, ConnectionLost, PublishError, Settings
@@ -145,6 +147,35 @@ async def test_malformed_message_is_counted_and_the_subscription_goes_on(
             [got] = await collect(sub, 1)
             assert got.id == sent.id
             assert sub.stats.malformed == 1
+    finally:
+        await raw.close()
+        await transport.close()
+
+
+async def test_garbage_on_the_wire_is_counted_and_delivery_goes_on(
+    nats_server_session: NatsServer,
+) -> None:
+    # Before: a status line that is not UTF-8 ended nats-py's read loop (1 of 4
+    # good events arrived), and an envelope for another topic of the pattern
+    # was delivered as that topic.
+    server, prefix = nats_server_session, unique("p")
+    transport = await alkpubsub.connect(f"{server.url}?prefix={prefix}")
+    raw = await nats.connect(server.url)
+    try:
+        async with transport.subscribe("jobs:x") as exact, transport.subscribe("jobs:*") as wild:
+            written = await write_garbage(server.url, server.port, f"{prefix}.jobs.x", "jobs:x")
+            # Only the wildcard reads these two: a subject that is not UTF-8, and
+            # an envelope for jobs:z on jobs:y's subject.
+            await asyncio.to_thread(
+                send_raw, server.port, [b"PUB %s.jobs.\xff 2\r\nhi\r\n" % prefix.encode()]
+            )
+            await raw.publish(f"{prefix}.jobs.y", json.dumps(envelope("jobs:z")).encode())
+            await raw.flush()
+            sent = [(await transport.publish("jobs:x", i)).id for i in range(3)]
+            assert [e.id for e in await collect(exact, 3)] == sent
+            assert [e.id for e in await collect(wild, 3)] == sent
+            await until_malformed(exact, written)
+            await until_malformed(wild, written + 2)
     finally:
         await raw.close()
         await transport.close()

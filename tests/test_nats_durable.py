@@ -13,6 +13,7 @@ import pytest
 from brokers import NatsServer
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
+from nats_garbage import send_raw, until_malformed, wait_stored, write_garbage
 
 import alkpubsub
 from alkpubsub import ConfigError
@@ -99,6 +100,9 @@ async def test_server_without_jetstream_is_a_config_error(tmp_path: Path) -> Non
         ("stream=S&storage=disk", "storage"),
         ("stream=S&ack_wait=0", "ack_wait"),
         ("stream=S&max_deliveries=0", "max_deliveries"),
+        ("stream=S&max_ack_pending=0", "max_ack_pending"),
+        # A member holding half the consumer's limit or more could stall it.
+        ("stream=S&prefetch=501&max_ack_pending=1000", "prefetch"),
     ],
 )
 def test_bad_options_are_refused(query: str, named: str) -> None:
@@ -214,6 +218,32 @@ async def test_malformed_message_is_dead_lettered_with_its_raw_text(
         [buried] = await collect_acking(dead, 1)
     assert buried.payload == {"raw": "not an envelope"}
     assert "malformed" in buried.headers["x-dead-reason"]
+
+
+async def test_garbage_never_blocks_a_named_consumer(
+    nats_server_session: NatsServer, js: JetStreamContext
+) -> None:
+    # Before: a status line that is not UTF-8 ended nats-py's read loop, and
+    # with it every PubAck (publish raised PublishError after 10 s).
+    server, stream = nats_server_session, unique("S")
+    async with (
+        await durable(durable_url(server, stream)) as transport,
+        transport.subscribe("jobs:*", consumer="worker") as sub,
+    ):
+        written = await write_garbage(server.url, server.port, f"{stream}.jobs.x", "jobs:x")
+        # A subject that is not UTF-8 is not a topic either: termed, not buried.
+        await asyncio.to_thread(
+            send_raw, server.port, [b"PUB %s.jobs.\xff 2\r\nhi\r\n" % stream.encode()]
+        )
+        await wait_stored(server.url, stream, written + 1)
+        sent = [e.id for e in await transport.publish_many([("jobs:x", i) for i in range(3)])]
+        assert [e.id for e in await collect_acking(sub, 3)] == sent
+        await until_malformed(sub, written + 1)
+        async with asyncio.timeout(10):  # and nothing is left unacked on the consumer
+            while (await js.consumer_info(stream, "worker")).num_ack_pending:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert sub.stats.dead_lettered == written  # each with its raw text, on jobs:x:dead
+    assert (await js.consumer_info(stream, "worker")).num_pending == 0
 
 
 # -- broker restarts ---------------------------------------------------------------

@@ -1,6 +1,7 @@
 """What the NATS transports share: topic <-> subject mapping, connection
-options from the URL and ``Settings`` (auth, TLS), and one connection's
-lifecycle (connect with a deadline, reconnect, give up, callbacks).
+options from the URL and ``Settings`` (auth, TLS), one connection's lifecycle
+(connect with a deadline, reconnect, give up, callbacks), and the size limits
+the server's ``max_payload`` sets.
 
 Subjects (docs/decisions/005-nats-subjects-and-jetstream.md): a topic's ``:``
 becomes NATS's token separator ``.``; a ``.`` inside a segment becomes ``~``
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import ssl
@@ -21,8 +23,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from alkpubsub.config import ParsedUrl, Settings, TransportOptions
-from alkpubsub.errors import ConfigError, ConnectionLost, InvalidTopic, PubSubError
-from alkpubsub.topics import SEPARATOR, validate_topic
+from alkpubsub.errors import ConfigError, ConnectionLost, InvalidTopic, PayloadError, PubSubError
+from alkpubsub.limits import MAX_HEADERS_BYTES, MAX_KEY_LENGTH, MAX_PAYLOAD_BYTES
+from alkpubsub.topics import MAX_TOPIC_LENGTH, SEPARATOR, validate_topic
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -70,6 +73,35 @@ def to_topic(prefix: str, subject: str) -> str | None:
 def escape_name(name: str) -> str:
     """A consumer name as a JetStream consumer name (which may not contain ``.``)."""
     return name.replace(".", ESCAPE)
+
+
+# -- sizes ------------------------------------------------------------------
+
+ENVELOPE_HEAD = 256 + MAX_TOPIC_LENGTH + MAX_KEY_LENGTH + MAX_HEADERS_BYTES
+"""Bytes an envelope takes besides its payload, at most: measured 17,578 for the
+longest topic and key and 16 KiB of headers in one header (17,664 allowed).
+Headers whose JSON needs escapes take more; the exact check at publish catches those."""
+
+
+def fitting_payload(max_message: int, nats_headers: int) -> int:
+    """The largest payload to accept when the server takes messages of at most
+    ``max_message`` bytes and we add ``nats_headers`` bytes of NATS headers.
+
+    Room is kept for the largest envelope head, but never more than half the
+    message: on a server configured very small, events with small heads still
+    go, and one whose head does not fit is refused by the exact check at
+    publish (:func:`too_big`)."""
+    reserve = min(ENVELOPE_HEAD + nats_headers, max_message // 2)
+    return max(1, min(MAX_PAYLOAD_BYTES, max_message - reserve))
+
+
+def too_big(subject: str, size: int, limit: int, what: str) -> PayloadError:
+    """The error for a message of ``size`` bytes (envelope plus NATS headers) over
+    ``limit``: nats-server would close the whole connection for it."""
+    return PayloadError(
+        f"the event on {subject!r} is {size} bytes with its envelope and headers, over "
+        f"{what} of {limit} bytes; send a smaller payload or fewer/smaller headers"
+    )
 
 
 # -- options ----------------------------------------------------------------
@@ -164,6 +196,40 @@ def connect_kwargs(
 Hook = Callable[[], Awaitable[None] | None]
 
 
+_ASCII = bytes(range(128)) + b"?" * 128
+
+
+def _ascii(raw: bytes) -> bytes:
+    # Same length: nats-py slices status lines by byte offsets.
+    return raw.translate(_ASCII)
+
+
+@functools.cache
+def _client_class() -> type[Client]:
+    from nats.aio.client import Client
+
+    class TolerantClient(Client):
+        """nats-py's client, except that a message whose subject or status line is
+        not UTF-8 does not end the connection. nats-py (2.16) decodes them strictly
+        inside its read loop, and the loop stops on the error without reconnecting:
+        one raw ``PUB alk.x.\\xff`` matching a wildcard subscription silently ended
+        all delivery on the connection (and every JetStream PubAck). Decoded with
+        non-ASCII bytes as ``?`` instead, the message reaches us and is counted as
+        malformed."""
+
+        async def _process_msg(
+            self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+        ) -> None:
+            try:
+                await super()._process_msg(sid, subject, reply, data, headers)
+            except UnicodeDecodeError:
+                # Raised before the message was queued, so it is not delivered twice.
+                clean = _ascii(headers) if headers else headers
+                await super()._process_msg(sid, _ascii(subject), _ascii(reply), data, clean)
+
+    return TolerantClient
+
+
 class NatsConnection:
     """One nats-py client with the lifecycle both transports need.
 
@@ -212,9 +278,7 @@ class NatsConnection:
         """Connect, or raise :class:`ConnectionLost` / :class:`ConfigError` (credentials)."""
         if self.client is not None:
             return
-        from nats.aio.client import Client
-
-        client = Client()
+        client = _client_class()()
         loop = asyncio.get_running_loop()
         self._auth_failed = loop.create_future()
         connecting = asyncio.ensure_future(
@@ -278,6 +342,27 @@ class NatsConnection:
             client._pending = []
             client._pending_data_size = 0
         await client.close()
+
+    def payload_limit(self, nats_headers: int, stream_limit: int | None = None) -> int:
+        """The largest payload the server (and a stream's ``max_msg_size``, when
+        given) can carry; logged once when below ``MAX_PAYLOAD_BYTES``."""
+        limit = self.message_limit(stream_limit)
+        fits = fitting_payload(limit, nats_headers)
+        if fits < MAX_PAYLOAD_BYTES:
+            self.log_once(
+                f"max_payload:{limit}",
+                "%s: the server takes messages of at most %d bytes; payloads are limited "
+                "to %d bytes (the rest is for the envelope and headers)",
+                self.label, limit, fits,
+            )  # fmt: skip
+        return fits
+
+    def message_limit(self, stream_limit: int | None = None) -> int:
+        """The largest message (payload plus NATS headers) the server takes now."""
+        limit = self.nc.max_payload
+        if stream_limit is not None and 0 < stream_limit < limit:
+            limit = stream_limit
+        return limit
 
     @property
     def connected(self) -> bool:

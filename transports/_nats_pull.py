@@ -2,7 +2,13 @@
 
 One pull request is outstanding at a time, for no more events than the buffer
 has room for, so a slow reader pauses the consumer instead of losing events
-(and competing members get the rest). Requests go straight to
+(and competing members get the rest). A member of a named consumer also holds
+at most ``prefetch`` deliveries unacked (asked for, buffered, or handed out
+and not acked), well below the consumer's ``max_ack_pending``: the server stops
+the whole consumer at that limit, so a member killed holding a full buffer of
+1024 used to stall every other member until ``ack_wait`` (measured 29.5 s with
+ack_wait=30). Now only its own deliveries wait. A delivery held longer than
+``ack_wait`` no longer counts (the server has taken it back for redelivery). Requests go straight to
 ``$JS.API.CONSUMER.MSG.NEXT`` with a reply inbox per subscription, handled by a
 nats-py callback: that keeps closing exact (in-hand events are naked back, none
 stay stranded in a client-side queue) and lets a lost request be told apart
@@ -28,7 +34,7 @@ from ._nats_common import escape_name
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription as NatsSub
-    from nats.js.api import ConsumerConfig
+    from nats.js.api import ConsumerConfig, ConsumerInfo
 
     from .nats_durable import NatsDurableTransport
 
@@ -60,7 +66,12 @@ class PullSubscription(Subscription):
             from nats.nuid import NUID
 
             self.consumer_name = "anon-" + NUID().next().decode()
-        self._unacked: dict[int, Msg] = {}
+        # stream sequence -> (delivery, loop time received), in the order received
+        self._unacked: dict[int, tuple[Msg, float]] = {}
+        options = transport.options
+        self._hold = options.prefetch  # until the consumer's own limits are known
+        self._ack_wait = options.ack_wait
+        self._freed = asyncio.Event()  # an ack/nack made room below the hold limit
         self._inbox: NatsSub | None = None
         self._reply = ""
         self._task: asyncio.Task[None] | None = None
@@ -97,7 +108,7 @@ class PullSubscription(Subscription):
                 # (2.9) drop requests nobody listens to any more.
                 with contextlib.suppress(Exception):
                     await self.transport.js.consumer_info(self.transport.stream, self.consumer_name)
-            for msg in self._unacked.values():  # in order: redelivered in nak order
+            for msg, _ in self._unacked.values():  # in order: redelivered in nak order
                 with contextlib.suppress(Exception):
                     await msg.nak()
             if not self.durable:
@@ -120,6 +131,7 @@ class PullSubscription(Subscription):
         self.stats.reconnects += 1
         self._heal = True
         self._request_done.set()
+        self._freed.set()
 
     def lost(self, error: ConnectionLost) -> None:
         """No server for ``reconnect_timeout``: end with ``error``."""
@@ -147,6 +159,7 @@ class PullSubscription(Subscription):
             config.durable_name = self.consumer_name
             config.ack_policy = AckPolicy.EXPLICIT
             config.ack_wait = transport.options.ack_wait
+            config.max_ack_pending = transport.options.max_ack_pending
             # One delivery past the limit, so a consumer that died holding the
             # event still sees it and can dead-letter it.
             config.max_deliver = transport.max_deliveries + 1
@@ -176,6 +189,9 @@ class PullSubscription(Subscription):
                     pass
                 else:
                     self._check_filter(info.config.filter_subject or transport.subjects)
+                    if self.durable:
+                        info = await self._reconcile(info)
+                    self._adopt(info.config)
                     self._seen(info.delivered.stream_seq if info.delivered else 0)
                     return
             config = self.consumer_config()
@@ -197,11 +213,56 @@ class PullSubscription(Subscription):
                 info = await js.add_consumer(transport.stream, config)
             except BadRequestError:
                 continue  # created meanwhile by another member with other settings
+            self._adopt(info.config)
             self._seen(info.delivered.stream_seq if info.delivered else 0)
             return
         raise ConfigError(
             f"cannot create consumer {self.consumer!r} on stream {transport.stream!r}"
         )
+
+    async def _reconcile(self, info: ConsumerInfo) -> ConsumerInfo:
+        """Give an existing consumer this URL's ack_wait, max_ack_pending and
+        max_deliver. Creating it applied them; for one made earlier (by an older
+        version, or with other options) nothing would: nats-py's pull_subscribe
+        does not reconcile, and a consumer left at max_ack_pending=1000 stalls.
+        nats-server (2.9) updates these three in place when asked to create the
+        consumer again. The last member to open sets them."""
+        from nats.js.errors import APIError
+
+        have, want = info.config, self.consumer_config()
+        old = (have.ack_wait, have.max_ack_pending, have.max_deliver)
+        new = (want.ack_wait, want.max_ack_pending, want.max_deliver)
+        if old == new:
+            return info
+        transport = self.transport
+        config = have.evolve(
+            ack_wait=want.ack_wait, max_ack_pending=want.max_ack_pending,
+            max_deliver=want.max_deliver,
+        )  # fmt: skip
+        try:
+            updated = await transport.js.add_consumer(transport.stream, config)
+        except APIError as exc:
+            transport._conn.log_once(
+                f"keep:{self.consumer_name}",
+                "%s: consumer %s keeps (ack_wait, max_ack_pending, max_deliver)=%s, the "
+                "server refused %s: %s",
+                transport.name, self.consumer_name, old, new, exc,
+            )  # fmt: skip
+            return info
+        transport._conn.log_once(
+            f"update:{self.consumer_name}",
+            "%s: consumer %s had (ack_wait, max_ack_pending, max_deliver)=%s; set to %s",
+            transport.name, self.consumer_name, old, new,
+        )  # fmt: skip
+        return updated
+
+    def _adopt(self, config: ConsumerConfig) -> None:
+        """Hold limits from the consumer as the server has it: at most half its
+        max_ack_pending, so one dead member never stops the others."""
+        limit = config.max_ack_pending or 0
+        prefetch = self.transport.options.prefetch
+        self._hold = min(prefetch, max(1, limit // 2)) if limit > 0 else prefetch
+        self._ack_wait = config.ack_wait or self.transport.options.ack_wait
 
     def _check_filter(self, have: str) -> None:
         want = self.transport.subject(self.pattern.text)
@@ -221,16 +282,19 @@ class PullSubscription(Subscription):
 
     async def ack(self, event: Event) -> None:
         """Mark ``event`` processed: the consumer will not deliver it again."""
-        msg = self._unacked.pop(event.offset, None) if event.offset is not None else None
-        if msg is not None:
-            await self._answer(msg.ack())
+        held = self._unacked.pop(event.offset, None) if event.offset is not None else None
+        if held is not None:
+            self._made_room()
+            await self._answer(held[0].ack())
         await super().ack(event)
 
     async def nack(self, event: Event, *, delay: float = 0) -> None:
         """Deliver ``event`` again after ``delay`` s, or dead-letter it when this
         was its ``max_deliveries``-th failed delivery."""
-        msg = self._unacked.pop(event.offset, None) if event.offset is not None else None
-        if msg is not None:
+        held = self._unacked.pop(event.offset, None) if event.offset is not None else None
+        if held is not None:
+            self._made_room()
+            msg = held[0]
             deliveries = msg.metadata.num_delivered
             if deliveries >= self.transport.max_deliveries:
                 await self.transport.bury(
@@ -239,6 +303,15 @@ class PullSubscription(Subscription):
             else:
                 await self._answer(msg.nak(delay=delay or None))
         await super().nack(event, delay=delay)
+
+    def _made_room(self) -> None:
+        # Wake the pull loop once half a batch is free, not on every ack: a
+        # pull request per ack would cost a server round trip per event.
+        if len(self._unacked) <= self._hold - self._low_water():
+            self._freed.set()
+
+    def _low_water(self) -> int:
+        return max(1, min(self.transport.options.batch, self._hold) // 2)
 
     async def _answer(self, reply: Awaitable[None]) -> None:
         import nats.errors as nerr
@@ -270,8 +343,15 @@ class PullSubscription(Subscription):
                 await self._request_done.wait()  # set on reconnect
                 self._request_done.clear()
                 continue
+            room = max(1, min(opts.batch, self.buffer_size - len(self._buffer)))
+            if self.durable:
+                free = self._hold - self._holding()
+                if free < min(room, self._low_water()):
+                    await self._wait_for_room()
+                    continue
+                room = min(room, free)
             self._request += 1
-            self._remaining = max(1, min(opts.batch, self.buffer_size - len(self._buffer)))
+            self._remaining = room
             self._answered = False
             self._request_done.clear()
             request = {"batch": self._remaining, "expires": int(opts.fetch_timeout * 1e9)}
@@ -292,6 +372,28 @@ class PullSubscription(Subscription):
                 elif nc.is_connected:
                     # Not even a "request expired" answer: the consumer may be gone.
                     self._heal = True
+
+    def _holding(self) -> int:
+        """Unacked deliveries held that are younger than the consumer's ack_wait."""
+        count = len(self._unacked)
+        if count < self._hold:
+            return count  # the common case: no need to look at their ages
+        cutoff = asyncio.get_running_loop().time() - self._ack_wait
+        for _, received in self._unacked.values():  # oldest first
+            if received >= cutoff:
+                break
+            count -= 1
+        return count
+
+    async def _wait_for_room(self) -> None:
+        """Until acks free half a batch, the link comes back, or the oldest held
+        delivery passes ack_wait (the server then takes it back)."""
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self._ack_wait
+        oldest = next((t for _, t in self._unacked.values() if t >= cutoff), loop.time())
+        self._freed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._freed.wait(), max(0.01, oldest - cutoff))
 
     async def _on_message(self, msg: Msg) -> None:
         if not msg.reply:  # a status for one of our requests
@@ -324,6 +426,11 @@ class PullSubscription(Subscription):
         except PayloadError as exc:
             await self.transport.bury_malformed(self, msg, str(exc))
             return
+        if self.transport.subject(event.topic) != msg.subject:
+            # Not ours: we store each event on its topic's subject.
+            detail = f"an event for {event.topic!r} on {msg.subject!r}"
+            await self.transport.bury_malformed(self, msg, detail)
+            return
         if not self.pattern.matches(event.topic):
             if self.durable:
                 await msg.ack()  # the consumer's filter is wider than the pattern
@@ -340,7 +447,9 @@ class PullSubscription(Subscription):
                 return
             if meta.num_delivered > 1:
                 self.stats.redelivered += 1
-            self._unacked[seq] = msg
+            # A redelivery moves to the end: the dict stays in order received.
+            self._unacked.pop(seq, None)
+            self._unacked[seq] = (msg, asyncio.get_running_loop().time())
         self.stats.lag = meta.num_pending + len(self._buffer) + 1
         if not await self._put(event) and self.durable:
             self._unacked.pop(seq, None)

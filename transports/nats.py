@@ -55,6 +55,7 @@ from ._nats_common import (
     check_positive,
     check_prefix,
     to_subject,
+    too_big,
 )
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class NatsTransport(BaseTransport):
         """Connect to the server (idempotent)."""
         self._check_open()
         await self._conn.open()
+        self.max_payload_bytes = self._conn.payload_limit(nats_headers=0)
 
     def subject(self, topic: str) -> str:
         """The NATS subject ``topic`` travels on."""
@@ -157,10 +159,9 @@ class NatsTransport(BaseTransport):
                 f"{subject!r} not published (raise pending_size= or retry later)"
             )
         if isinstance(exc, MaxPayloadError):
-            return PayloadError(
-                f"event on {subject!r} is {len(data)} bytes, over the NATS server's "
-                "max_payload; send a smaller payload"
-            )
+            # Only with headers that JSON escapes, or after a reconnect to a
+            # server with a smaller max_payload: payloads are held below it.
+            return too_big(subject, len(data), self._conn.message_limit(), "max_payload")
         if isinstance(exc, ConnectionClosedError):
             return self._conn.lost_error()
         return exc
@@ -216,6 +217,7 @@ class NatsTransport(BaseTransport):
     def _callback(self, group: _PatternGroup) -> Callable[[Msg], Awaitable[None]]:
         matches = group.pattern.matches
         report = self.report_malformed
+        prefix = self.prefix
 
         async def on_message(msg: Msg) -> None:
             try:
@@ -223,6 +225,11 @@ class NatsTransport(BaseTransport):
             except PayloadError as exc:
                 for sub in group.subs:
                     report(sub, "envelope", f"on {msg.subject!r}: {exc}")
+                return
+            if to_subject(prefix, event.topic) != msg.subject:
+                # Not ours: we publish each event on its topic's subject.
+                for sub in group.subs:
+                    report(sub, "topic", f"an event for {event.topic!r} on {msg.subject!r}")
                 return
             if not matches(event.topic):
                 return
@@ -240,6 +247,8 @@ class NatsTransport(BaseTransport):
                 sub.stats.dropped += 1
 
     def _reconnected(self) -> None:
+        # The server may have come back with another max_payload.
+        self.max_payload_bytes = self._conn.payload_limit(nats_headers=0)
         for sub in self._subscriptions:
             sub.stats.reconnects += 1
 

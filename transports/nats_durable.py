@@ -38,6 +38,12 @@ Transport Options
     duplicate_window  120         seconds the server remembers event ids
     replicas          1           stream replicas (clustered servers)
     ack_wait          30          seconds before an unacked delivery counts as failed
+    max_ack_pending   10000       deliveries the consumer leaves unacked at most (all
+                                  members together); set on consumers we create, and
+                                  on existing ones when they differ
+    prefetch          256         deliveries one member holds unacked at most (asked
+                                  for, buffered, handed out); <= max_ack_pending/2, so
+                                  a killed member stalls only its own until ack_wait
     max_deliveries    5           failed deliveries before dead-lettering
                                   (else ``Settings.max_deliveries``)
     batch             64          most events asked for per pull request
@@ -71,6 +77,7 @@ from ._nats_common import (
     check_prefix,
     to_subject,
     to_topic,
+    too_big,
 )
 from ._nats_pull import PullSubscription
 
@@ -83,6 +90,9 @@ log = logging.getLogger("alkpubsub.nats")
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 _CHUNK = 1000  # publish_many: futures in flight at once
+_MSG_ID_HEADER = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")  # plus the id itself
+_EVENT_ID = 36  # a UUID as text
+_RAW_KEPT = 65_536  # characters of a malformed message's text kept in its dead letter
 
 
 class NatsDurableOptions(NatsConnectionOptions):
@@ -96,6 +106,8 @@ class NatsDurableOptions(NatsConnectionOptions):
     duplicate_window: float = 120
     replicas: int = 1
     ack_wait: float = 30
+    max_ack_pending: int = 10_000
+    prefetch: int = 256
     max_deliveries: int | None = None
     batch: int = 64
     fetch_timeout: float = 5
@@ -134,6 +146,8 @@ class NatsDurableTransport(BaseTransport):
         self._js: JetStreamContext | None = None
         self.lost: ConnectionLost | None = None
         self._attempts: set[asyncio.Timeout] = set()
+        self._stream_max_msg: int | None = None  # the stream's max_msg_size, if set
+        self._max_message = 0  # bytes the server and stream take in one message
 
     async def connect(self) -> None:
         """Connect and create or bind the stream (idempotent)."""
@@ -144,6 +158,16 @@ class NatsDurableTransport(BaseTransport):
         self._js = self._conn.nc.jetstream(timeout=self.options.api_timeout)
         with self._conn.translate(f"setting up stream {self.stream!r}"):
             await self.ensure_stream()
+        self._fit_sizes()
+
+    def _fit_sizes(self) -> None:
+        """Hold payloads to what the server's max_payload and the stream's
+        max_msg_size take with the envelope and our Nats-Msg-Id header."""
+        conn = self._conn
+        self._max_message = conn.message_limit(self._stream_max_msg)
+        self.max_payload_bytes = conn.payload_limit(
+            _MSG_ID_HEADER + _EVENT_ID, self._stream_max_msg
+        )
 
     @property
     def js(self) -> JetStreamContext:
@@ -176,7 +200,7 @@ class NatsDurableTransport(BaseTransport):
             num_replicas=opts.replicas,
         )
         try:
-            await self.js.add_stream(config)
+            info = await self.js.add_stream(config)
         except ServiceUnavailableError:
             raise ConfigError(
                 f"JetStream does not answer at {self.name!r}; start nats-server with -js "
@@ -198,6 +222,8 @@ class NatsDurableTransport(BaseTransport):
                     f"and not {self.subjects!r}; pass subjects= to match it or pick "
                     "another stream="
                 ) from None
+        limit = info.config.max_msg_size
+        self._stream_max_msg = limit if limit is not None and limit > 0 else None
 
     # -- publishing ----------------------------------------------------------
 
@@ -208,6 +234,8 @@ class NatsDurableTransport(BaseTransport):
     async def store(self, subject: str, data: bytes, msg_id: str) -> PubAck:
         """Publish to the stream and wait for its PubAck, retrying with the same
         ``Nats-Msg-Id`` (deduplicated by the server) for up to ``publish_timeout``."""
+        if len(data) + _MSG_ID_HEADER + len(msg_id) > self._max_message:
+            raise self._too_big(subject, len(data) + _MSG_ID_HEADER + len(msg_id))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.publish_timeout
         try:
@@ -256,10 +284,7 @@ class NatsDurableTransport(BaseTransport):
             except nerr.OutboundBufferLimitError:
                 error: Exception = PublishError("the outbound buffer is full while disconnected")
             except nerr.MaxPayloadError:
-                raise PayloadError(
-                    f"event on {subject!r} is {len(data)} bytes, over the server's "
-                    "max_payload; send a smaller payload"
-                ) from None
+                raise self._too_big(subject, len(data) + _MSG_ID_HEADER + len(msg_id)) from None
             except TimeoutError as exc:
                 error = exc  # no PubAck: server restarting, or a reconnect cut the wait
             except (NoStreamResponseError, nerr.NoRespondersError) as exc:
@@ -269,6 +294,8 @@ class NatsDurableTransport(BaseTransport):
                 if silent >= 3:
                     await self._try(self.ensure_stream)
             except APIError as exc:
+                if exc.err_code == 10054:  # over the stream's max_msg_size (changed since)
+                    raise self._too_big(subject, len(data) + _MSG_ID_HEADER + len(msg_id)) from None
                 if exc.code != 503:
                     raise PublishError(
                         f"stream {self.stream!r} refused the event on {subject!r}: {exc}"
@@ -284,6 +311,13 @@ class NatsDurableTransport(BaseTransport):
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
+    def _too_big(self, subject: str, size: int) -> PayloadError:
+        if self._stream_max_msg is not None and self._stream_max_msg == self._max_message:
+            return too_big(
+                subject, size, self._max_message, f"max_msg_size of stream {self.stream!r}"
+            )
+        return too_big(subject, size, self._max_message, "the NATS server's max_payload")
+
     async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         import nats.errors as nerr
 
@@ -292,6 +326,9 @@ class NatsDurableTransport(BaseTransport):
             chunk = [
                 (e, self.subject(e.topic), e.envelope(b)) for e, b in batch[start : start + _CHUNK]
             ]
+            for _, subject, data in chunk:  # all checked before any is sent
+                if len(data) + _MSG_ID_HEADER + _EVENT_ID > self._max_message:
+                    raise self._too_big(subject, len(data) + _MSG_ID_HEADER + _EVENT_ID)
             futures: list[asyncio.Future[PubAck]] = []
             try:
                 publish_async = self.js.publish_async
@@ -372,9 +409,12 @@ class NatsDurableTransport(BaseTransport):
             return
         topic = to_topic(self.prefix, msg.subject)
         if topic is not None:
+            raw = msg.data.decode(errors="replace")
+            if len(raw) > _RAW_KEPT:  # so that the dead letter fits where this did
+                detail += f" (its first {_RAW_KEPT} of {len(msg.data)} bytes kept)"
             fake = Event.model_validate(
                 {"id": f"malformed-{msg.metadata.sequence.stream}", "topic": topic,
-                 "payload": {"raw": msg.data.decode(errors="replace")},
+                 "payload": {"raw": raw[:_RAW_KEPT]},
                  "published_at": msg.metadata.timestamp, "offset": msg.metadata.sequence.stream}
             )  # fmt: skip
             await self.bury(sub, fake, msg, reason=f"malformed envelope: {detail}", deliveries=1)
@@ -400,6 +440,7 @@ class NatsDurableTransport(BaseTransport):
             return False
 
     def _healed(self) -> None:
+        self._fit_sizes()  # the server may have come back with another max_payload
         now = asyncio.get_running_loop().time()
         for scope in self._attempts:
             scope.reschedule(now)
@@ -440,11 +481,18 @@ def from_url(url: str, settings: Settings | None = None) -> NatsDurableTransport
     options = parse_options(NatsDurableOptions, parsed, settings)
     check_positive(
         options, parsed, "connect_timeout", "reconnect_wait", "reconnect_timeout", "pending_size",
-        "duplicate_window", "replicas", "ack_wait", "max_deliveries", "batch", "fetch_timeout",
+        "duplicate_window", "replicas", "ack_wait", "max_ack_pending", "prefetch",
+        "max_deliveries", "batch", "fetch_timeout",
         "publish_timeout", "api_timeout",
     )  # fmt: skip
     if options.max_age < 0:
         raise ConfigError(f"option max_age={options.max_age!r} in {parsed.redacted!r} must be >= 0")
+    if options.prefetch > options.max_ack_pending // 2:
+        raise ConfigError(
+            f"prefetch={options.prefetch} in {parsed.redacted!r} must be at most half of "
+            f"max_ack_pending={options.max_ack_pending}, or one member holding its prefetch "
+            "stops the whole consumer; lower prefetch= or raise max_ack_pending="
+        )
     if not _STREAM_NAME.fullmatch(options.stream):
         raise ConfigError(
             f"stream={options.stream!r} in {parsed.redacted!r} is not a JetStream stream name; "

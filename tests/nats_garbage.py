@@ -1,0 +1,120 @@
+"""Garbage that raw NATS clients write where alkpubsub subscriptions read.
+
+Shared by tests/test_nats.py, tests/test_nats_durable.py and the
+``garbage_writer`` fixtures of tests/test_conformance_nats.py. Nothing here is
+what an alkpubsub publisher writes; a subscription to the topic must count each
+in ``stats.malformed`` (JetStream: and term or dead-letter it) and go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import nats
+from brokers import HOST
+
+from alkpubsub import Event, Subscription
+
+
+def envelope(topic: str, **override: Any) -> dict[str, Any]:
+    """A well-formed envelope for ``topic`` as a dict, with fields replaced."""
+    event, body = Event.create(topic, {"n": 1}, origin="garbage")
+    fields: dict[str, Any] = json.loads(event.envelope(body))
+    fields.update(override)
+    return fields
+
+
+def bad_bodies(topic: str) -> list[tuple[bytes, dict[str, str] | None]]:
+    """(body, NATS headers) pairs that are not a valid envelope on ``topic``'s subject."""
+    good = json.dumps(envelope(topic))
+    return [
+        (b"\xff\xfe\x80 not utf-8 \xc3\x28", None),
+        (b"{not json", None),
+        (b"", None),
+        (b"null", None),
+        (b"[1, 2, 3]", None),
+        (b'{"hello": "world"}', None),  # JSON, not an envelope
+        (json.dumps(envelope("other:topic")).encode(), None),  # the topic disagrees
+        (json.dumps(envelope(topic, id=5, headers=[1])).encode(), None),  # wrong field types
+        (good.replace('{"n": 1}', "9" * 100_000).encode(), None),  # a number far out of range
+        (good.replace('{"n": 1}', "[" * 100_000 + "]" * 100_000).encode(), None),  # too deep
+        (b"{" * 50_000, None),  # unterminated nesting
+        (b"x" * 1_040_000, None),  # larger than any envelope we publish, within max_payload
+        # Headers that look like server status messages, on a data message.
+        (b"{}", {"Status": "503", "Description": "No Responders"}),
+        (b"null", {"Status": "404", "Nats-Msg-Id": ""}),
+    ]
+
+
+def raw_frames(subject: str) -> list[bytes]:
+    """Protocol frames nats-py cannot send: headers that are not UTF-8."""
+    frames = []
+    for hdr in (b"NATS/1.0 \xff\xfe\r\n\r\n", b"NATS/1.0\r\nX-Bad: \xff\xfe\x80\r\n\r\n"):
+        body = b"{not json"
+        frames.append(
+            b"HPUB %s %d %d\r\n%s%s\r\n"
+            % (subject.encode(), len(hdr), len(hdr) + len(body), hdr, body)
+        )
+    return frames
+
+
+def send_raw(port: int, frames: list[bytes]) -> None:
+    """Send protocol frames over a plain socket; return once the server has
+    processed them (its PONG), or raise if it refused one."""
+    with socket.create_connection((HOST, port), timeout=5) as sock:
+        sock.recv(4096)  # INFO
+        sock.sendall(
+            b'CONNECT {"verbose":false,"headers":true}\r\n' + b"".join(frames) + b"PING\r\n"
+        )
+        data = b""
+        while b"PONG" not in data:
+            chunk = sock.recv(4096)
+            if not chunk or b"-ERR" in chunk:
+                raise ConnectionError(f"the server refused a frame: {data + chunk!r}")
+            data += chunk
+
+
+async def write_garbage(url: str, port: int, subject: str, topic: str) -> int:
+    """Publish every bad body on ``subject`` (where ``topic`` is read) with nats-py
+    and the raw frames over a socket; return how many, once the server has them."""
+    bodies = bad_bodies(topic)
+    frames = raw_frames(subject)
+    await asyncio.to_thread(send_raw, port, frames)
+    nc = await nats.connect(url)
+    try:
+        for body, headers in bodies:
+            await nc.publish(subject, body, headers=headers)
+        await nc.flush()
+    finally:
+        await nc.close()
+    return len(bodies) + len(frames)
+
+
+async def wait_stored(url: str, stream: str, count: int) -> None:
+    """Wait until ``stream`` holds at least ``count`` messages (JetStream stores
+    what a core publish sends a little after the sender's PONG)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        async with asyncio.timeout(10):
+            while (await js.stream_info(stream)).state.messages < count:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        await nc.close()
+
+
+async def until_malformed(sub: Subscription, count: int) -> None:
+    """Wait until ``sub`` has counted ``count`` malformed messages: garbage from
+    another connection may reach us after good events published later."""
+    try:
+        async with asyncio.timeout(10):
+            while sub.stats.malformed < count:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(
+            f"{sub!r}: {sub.stats.malformed} of {count} counted malformed"
+        ) from None
+    assert sub.stats.malformed == count, sub.stats

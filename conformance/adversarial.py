@@ -40,7 +40,15 @@ from alkpubsub import (
 )
 from alkpubsub.limits import MAX_DEPTH, MAX_HEADERS_BYTES, MAX_INT, MAX_KEY_LENGTH, MIN_INT
 
-from .suite import RECEIVE_TIMEOUT, SuiteFixtures, TransportFactory, collect, nothing_more, unique
+from .suite import (
+    NOT_APPLICABLE,
+    RECEIVE_TIMEOUT,
+    SuiteFixtures,
+    TransportFactory,
+    collect,
+    nothing_more,
+    unique,
+)
 
 GarbageWriter = Callable[[str], Awaitable[int]]
 """Writes malformed messages, with the broker's own raw client, where a
@@ -414,7 +422,7 @@ class AdversarialCases(SuiteFixtures):
         garbage_writer: GarbageWriter | None,
     ) -> None:
         if garbage_writer is None:
-            pytest.skip("this transport has no wire another client can write garbage to")
+            pytest.skip(f"{NOT_APPLICABLE}no wire another client can write garbage to")
         transport = await connect()
         base = unique("g")
         topic = f"{base}:x"

@@ -1,8 +1,10 @@
 """Cases for durable transports (named consumers, at least once).
 
-On a transport that does not declare ``consumer_offsets`` each case instead
-checks that asking for a named consumer is refused with :class:`ConfigError`:
-refusing cleanly is the behaviour demanded there.
+On a transport that does not declare ``consumer_offsets`` each case is
+reported as skipped, naming the capability; that such a transport refuses a
+named consumer with :class:`ConfigError` is checked once, by
+``test_refuses_what_it_does_not_declare`` and
+``test_malformed_subscribe_arguments_raise_pubsub_errors``.
 """
 
 from __future__ import annotations
@@ -21,17 +23,9 @@ from .suite import (
     collect,
     collect_acking,
     nothing_more,
+    require,
     unique,
 )
-
-
-def durable(transport: Transport, caps: Capabilities) -> bool:
-    """True when the durable case applies; otherwise check the refusal."""
-    if caps.consumer_offsets:
-        return True
-    with pytest.raises(ConfigError):
-        transport.subscribe(unique(), consumer="c1")
-    return False
 
 
 def max_deliveries(transport: Transport) -> int:
@@ -45,8 +39,7 @@ class DurableCases(SuiteFixtures):
     async def test_durable_consumer_resumes_after_last_ack(
         self, connect: TransportFactory, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic, consumer = unique(), unique("c")
         sub = transport.subscribe(topic, consumer=consumer, start="earliest")
         await sub.start()
@@ -66,8 +59,7 @@ class DurableCases(SuiteFixtures):
     async def test_unacked_events_are_delivered_again_after_close(
         self, connect: TransportFactory, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic, consumer = unique(), unique("c")
         async with transport.subscribe(topic, consumer=consumer, start="earliest") as sub:
             sent = [await transport.publish(topic, i) for i in range(5)]
@@ -80,8 +72,7 @@ class DurableCases(SuiteFixtures):
     async def test_nack_delivers_the_event_again(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic, consumer = unique(), unique("c")
         async with transport.subscribe(topic, consumer=consumer) as sub:
             sent = await transport.publish(topic, {"job": 1})
@@ -96,8 +87,7 @@ class DurableCases(SuiteFixtures):
     async def test_nack_with_delay_waits_before_redelivery(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic, consumer = unique(), unique("c")
         async with transport.subscribe(topic, consumer=consumer) as sub:
             await transport.publish(topic, "later")
@@ -114,8 +104,7 @@ class DurableCases(SuiteFixtures):
     async def test_event_goes_to_dead_letter_after_max_deliveries(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic, consumer = unique(), unique("c")
         limit = max_deliveries(transport)
         dead = transport.subscribe(dead_letter_topic(topic), consumer=unique("dead"))
@@ -142,8 +131,7 @@ class DurableCases(SuiteFixtures):
     async def test_start_earliest_new_and_offset(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic = unique()
         old = [await transport.publish(topic, i) for i in range(5)]
         async with (
@@ -167,8 +155,7 @@ class DurableCases(SuiteFixtures):
     async def test_saved_position_wins_over_start(
         self, connect: TransportFactory, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic, consumer = unique(), unique("c")
         async with transport.subscribe(topic, consumer=consumer, start="earliest") as sub:
             for i in range(3):
@@ -184,8 +171,7 @@ class DurableCases(SuiteFixtures):
     async def test_two_consumer_names_each_get_everything(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic = unique()
         async with (
             transport.subscribe(topic, consumer=unique("a")) as a,
@@ -198,8 +184,7 @@ class DurableCases(SuiteFixtures):
     async def test_same_consumer_name_shares_work_or_is_busy(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic, consumer = unique(), unique("c")
         first = transport.subscribe(topic, consumer=consumer)
         await first.start()
@@ -240,8 +225,7 @@ class DurableCases(SuiteFixtures):
     async def test_full_buffer_pauses_reading_and_loses_nothing(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         topic = unique()
         async with transport.subscribe(topic, consumer=unique("c"), buffer=5) as sub:
             sent = await transport.publish_many([(topic, i) for i in range(300)])
@@ -257,8 +241,7 @@ class DurableCases(SuiteFixtures):
     async def test_durable_pattern_subscription_sees_only_matching_topics(
         self, transport: Transport, caps: Capabilities
     ) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         base = unique()
         pattern = f"{base}:*" if caps.wildcards else f"{base}:yes"
         async with transport.subscribe(pattern, consumer=unique("c"), start="earliest") as sub:
@@ -271,8 +254,7 @@ class DurableCases(SuiteFixtures):
         assert [e.payload for e in got] == [1, 4]
 
     async def test_bad_start_is_refused(self, transport: Transport, caps: Capabilities) -> None:
-        if not durable(transport, caps):
-            return
+        require(caps, "consumer_offsets")
         for bad in ("latest", -1, 1.5):
             with pytest.raises(ConfigError, match="start"):
                 transport.subscribe(unique(), consumer="c1", start=bad)  # type: ignore[arg-type]

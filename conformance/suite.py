@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import pytest_asyncio
 
 from alkpubsub import Capabilities, Event, Subscription, Transport
 
@@ -59,13 +61,36 @@ async def nothing_more(sub: Subscription, within: float = QUIET) -> None:
     pytest.fail(f"{sub!r}: unexpected event {extra.topic!r} {extra.payload!r}")
 
 
+NOT_DECLARED = "capability not declared: "
+"""How a case that needs a capability says it did not run (see :func:`require`)."""
+NOT_APPLICABLE = "not applicable: "
+"""How a case says the transport has nothing for it to test (no wire, ...)."""
+
+
+def require(caps: Capabilities, name: str) -> None:
+    """Skip the case, naming the capability, unless the transport declares it."""
+    if name not in caps.names():
+        pytest.skip(f"{NOT_DECLARED}{name}")
+
+
 def unique(prefix: str = "t") -> str:
     """A fresh topic segment, so cases never see each other's events."""
     return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 class SuiteFixtures:
-    """The fixtures a suite subclass gets. Subclasses provide ``factory``."""
+    """The fixtures a suite subclass gets. Subclasses provide ``factory``.
+
+    Every coroutine case is marked for pytest-asyncio when its class is
+    defined, so the suite runs under ``asyncio_mode = "strict"`` as well as "auto"."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, value in vars(cls).items():
+            if name.startswith("test_") and inspect.iscoroutinefunction(value):
+                marks = getattr(value, "pytestmark", [])
+                if not any(m.name == "asyncio" for m in marks):
+                    pytest.mark.asyncio(value)
 
     @pytest.fixture
     def factory(self) -> TransportFactory:
@@ -74,7 +99,7 @@ class SuiteFixtures:
             "connected transport (see alkpubsub/conformance/README.md)"
         )
 
-    @pytest.fixture
+    @pytest_asyncio.fixture
     async def connect(self, factory: TransportFactory) -> AsyncIterator[TransportFactory]:
         """Like ``factory``, and closes every transport it made at teardown."""
         made: list[Transport] = []
@@ -88,7 +113,7 @@ class SuiteFixtures:
         for transport in reversed(made):
             await asyncio.wait_for(transport.close(), 30)
 
-    @pytest.fixture
+    @pytest_asyncio.fixture
     async def transport(self, connect: TransportFactory) -> Transport:
         """One transport for cases that need just one."""
         return await connect()

@@ -1,38 +1,66 @@
-"""Both Redis transports against the shared conformance suite."""
+"""Both Redis transports against the shared conformance suite.
+
+Each class's ``garbage_writer`` writes, with a raw redis-py client, where a
+subscription of the transport made by its ``factory`` reads: PUBLISH on the
+topic's channel (the same channel prefix), or XADD to the same stream.
+"""
 
 from __future__ import annotations
 
 import pytest
 from brokers import RedisServer
+from redis_garbage import add_garbage, publish_garbage
 
 import alkpubsub
-from alkpubsub.conformance import TransportFactory, TransportSuite, unique
+from alkpubsub.conformance import GarbageWriter, TransportFactory, TransportSuite, unique
 from alkpubsub.conformance.restart import BrokerRestartSuite
 
 
 class TestRedisConformance(TransportSuite):
     @pytest.fixture
-    def factory(self, redis_server_session: RedisServer) -> TransportFactory:
+    def prefix(self) -> str:
         # Pub/sub channels are global to a server: a channel prefix per test.
-        url = f"{redis_server_session.url}?prefix={unique('alk')}:"
+        return f"{unique('alk')}:"
+
+    @pytest.fixture
+    def factory(self, redis_server_session: RedisServer, prefix: str) -> TransportFactory:
+        url = f"{redis_server_session.url}?prefix={prefix}"
 
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 
         return make
+
+    @pytest.fixture
+    def garbage_writer(self, redis_server_session: RedisServer, prefix: str) -> GarbageWriter:
+        async def write(topic: str) -> int:
+            return await publish_garbage(redis_server_session.url, prefix + topic, topic)
+
+        return write
 
 
 class TestRedisDurableConformance(TransportSuite):
     @pytest.fixture
-    def factory(self, redis_server_session: RedisServer) -> TransportFactory:
+    def stream(self) -> str:
         # A stream per test keeps tests apart on the shared server.
+        return unique("S")
+
+    @pytest.fixture
+    def factory(self, redis_server_session: RedisServer, stream: str) -> TransportFactory:
         base = redis_server_session.url.replace("redis://", "redis+durable://")
-        url = f"{base}?stream={unique('S')}"
+        url = f"{base}?stream={stream}"
 
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 
         return make
+
+    @pytest.fixture
+    def garbage_writer(self, redis_server_session: RedisServer, stream: str) -> GarbageWriter:
+        async def write(topic: str) -> int:
+            return await add_garbage(redis_server_session.url, stream, topic)
+
+        return write
 
 
 class TestRedisRestart(BrokerRestartSuite):

@@ -7,16 +7,22 @@ messages, credentials and TLS, against real ``redis-server`` processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from brokers import HOST, RedisServer, free_port
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis_garbage import publish_garbage
 
 import alkpubsub
-from alkpubsub import ConfigError, ConnectionLost, Settings
+from alkpubsub import Closed, ConfigError, ConnectionLost, Event, Settings, Subscription
 from alkpubsub.conformance import unique
 from alkpubsub.conformance.restart import wait_until
 from alkpubsub.transports.redis import RedisTransport
@@ -288,3 +294,278 @@ async def test_unreachable_server_is_reported_without_hanging() -> None:
     port = free_port()  # nothing listens there
     with pytest.raises(ConnectionLost, match=f"{HOST}:{port}"):
         await alkpubsub.connect(f"redis://{HOST}:{port}/0?connect_timeout=1")
+
+
+# -- concurrent subscribes and closes ------------------------------------------
+
+
+async def start_all(subs: list[Subscription], within: float = 10.0) -> None:
+    """Enter every subscription at once, failing (not hanging) past ``within``."""
+    async with asyncio.timeout(within):
+        await asyncio.gather(*(sub.start() for sub in subs))
+
+
+async def each_gets(subs: list[Subscription], sent: Event) -> None:
+    for sub in subs:
+        got = await sub.get(5)
+        assert got.id == sent.id, f"{sub!r} got {got!r}"
+
+
+def concrete(pattern: str) -> str:
+    """A topic ``pattern`` matches."""
+    return ":".join("w" if s == "*" else "w:v" if s == ">" else s for s in pattern.split(":"))
+
+
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        ["{b}:>"] * 8,
+        ["{b}:x"] * 8,
+        [f"{{b}}:x{i}" for i in range(8)],
+        [f"{{b}}:x{i}:>" for i in range(8)],
+        ["{b}:x", "{b}:*", "{b}:>", "{b}:x", "*:x", ">", "{b}:*", "{b}:x:>"],
+    ],
+    ids=["same-wildcard", "same-exact", "distinct-exact", "distinct-wildcard", "mixed"],
+)
+async def test_concurrent_subscribes_each_return_live(
+    transport: alkpubsub.Transport, patterns: list[str]
+) -> None:
+    base = unique()
+    subs = [transport.subscribe(p.format(b=base)) for p in patterns]
+    await start_all(subs)
+    # Published after every subscription entered: each must get what it matches.
+    topics = sorted({concrete(sub.pattern.text) for sub in subs} | {f"{base}:x"})
+    sent = [await transport.publish(topic, topic) for topic in topics]
+    for sub in subs:
+        expected = [e.id for e in sent if sub.pattern.matches(e.topic)]
+        got = [(await sub.get(5)).id for _ in expected]
+        assert got == expected, f"{sub!r}"
+    with pytest.raises(TimeoutError):
+        await subs[-1].get(0.2)
+    for sub in subs:
+        await sub.close()
+
+
+async def test_subscribes_and_closes_interleaved_keep_every_open_one_live(
+    transport: alkpubsub.Transport,
+) -> None:
+    base = unique()
+    topic = f"{base}:x"
+    # A lone subscription closing while another enters on the same channel:
+    # the UNSUBSCRIBE and the new SUBSCRIBE cross, and the new one must not be
+    # released by the old confirmation (it would miss what follows).
+    for round_ in range(20):
+        old = transport.subscribe(topic if round_ % 2 else f"{base}:*")
+        await old.start()
+        new = [transport.subscribe(p) for p in (topic, f"{base}:*", f"{base}:>")]
+        async with asyncio.timeout(10):
+            await asyncio.gather(old.close(), *(s.start() for s in new))
+        sent = await transport.publish(topic, round_)
+        await each_gets(new, sent)
+        for sub in new:
+            await sub.close()
+
+
+async def test_closing_a_subscription_while_it_enters_ends_it(
+    redis_server: RedisServer,
+) -> None:
+    transport = await alkpubsub.connect(redis_server.url)
+    redis_server.stop()  # nothing confirms: entering waits
+    sub = transport.subscribe(unique())
+    entering = asyncio.ensure_future(sub.start())
+    await asyncio.sleep(0.1)
+    await sub.close()
+    with pytest.raises((Closed, ConnectionLost)):
+        async with asyncio.timeout(5):
+            await entering
+    redis_server.start()
+    await transport.close()
+
+
+# -- one copy of each message on the connection --------------------------------
+
+
+async def test_covered_subscriptions_are_not_held_twice_on_the_server(
+    redis_server: RedisServer,
+) -> None:
+    transport = await alkpubsub.connect(f"{redis_server.url}?prefix=app:")
+    base = unique()
+    async with transport.subscribe(f"{base}:x") as exact:
+        assert numsub(redis_server, f"app:{base}:x") == 1
+        async with (
+            transport.subscribe(f"{base}:*") as wild,
+            transport.subscribe(f"{base}:y:>") as deeper,
+        ):
+            # "base:*" covers the channel and the deeper glob: a message would
+            # otherwise reach the connection two or three times (and cost
+            # Redis's output buffer that much), so only the glob is held.
+            assert numpat(redis_server) == 1
+            assert numsub(redis_server, f"app:{base}:x") == 0
+            sent = await transport.publish(f"{base}:x", "once")
+            deep = await transport.publish(f"{base}:y:z", "deep")
+            assert [e.id for e in (await exact.get(5), await wild.get(5))] == [sent.id] * 2
+            assert (await deeper.get(5)).id == deep.id
+            for sub in (exact, wild, deeper):
+                with pytest.raises(TimeoutError):
+                    await sub.get(0.3)
+        await wait_until(lambda: numpat(redis_server) == 0, 5, "glob released")
+        assert numsub(redis_server, f"app:{base}:x") == 1  # the exact channel is back
+        sent = await transport.publish(f"{base}:x", "after")
+        assert (await exact.get(5)).id == sent.id
+    await transport.close()
+
+
+async def test_no_event_lost_or_doubled_while_covering_globs_come_and_go(
+    redis_server_session: RedisServer, transport: alkpubsub.Transport
+) -> None:
+    assert isinstance(transport, RedisTransport)
+    base = unique()
+    topic = f"{base}:x"
+    url = f"{redis_server_session.url}?prefix={transport.options.prefix}"
+    publisher = await alkpubsub.connect(url)
+    async with transport.subscribe(topic) as exact:
+        done = asyncio.Event()
+
+        async def churn() -> None:
+            # The server-side set switches between the channel and a glob
+            # while events flow; each switch subscribes before it unsubscribes.
+            while not done.is_set():
+                async with transport.subscribe(f"{base}:*"), transport.subscribe(">"):
+                    await asyncio.sleep(0.005)
+
+        churner = asyncio.create_task(churn())
+        sent = [await publisher.publish(topic, i) for i in range(300)]
+        done.set()
+        await churner
+        got = [await exact.get(5) for _ in sent]
+        assert [e.payload for e in got] == list(range(300))
+        with pytest.raises(TimeoutError):
+            await exact.get(0.3)
+    await publisher.close()
+
+
+# -- large messages and a slow application -------------------------------------
+
+BIG = 990_000  # characters of payload: just under the 1,000,000-byte publish limit
+
+
+async def test_burst_of_large_messages_to_a_slow_app_keeps_the_connection(
+    redis_server: RedisServer,
+) -> None:
+    # 64 x 1 MB, as fast as a publisher awaiting each can go, on a channel an
+    # exact and a wildcard subscription both read, while the application reads
+    # neither: Redis cuts a pub/sub client at 32 MB of output buffer unless the
+    # reader keeps draining into the bounded buffers (dropping the oldest).
+    url = f"{redis_server.url}?prefix=big:"
+    transport = await alkpubsub.connect(url)
+    publisher = await alkpubsub.connect(url)
+    base = unique()
+    topic = f"{base}:x"
+    async with (
+        transport.subscribe(topic, buffer=8) as exact,
+        transport.subscribe(f"{base}:>", buffer=8) as wild,
+    ):
+        for _ in range(64):
+            await publisher.publish(topic, "x" * BIG)
+        small = await publisher.publish(topic, "small")
+        for sub in (exact, wild):
+            await wait_until(lambda s=sub: s.stats.dropped == 64 + 1 - 8, 30, "burst drained")
+            got = [await sub.get(5) for _ in range(8)]  # drop-oldest kept the newest 8
+            assert got[-1].id == small.id
+            assert sub.stats.reconnects == 0
+    assert "output buffer limits" not in redis_server.log_tail(1000)
+    await transport.close()
+    await publisher.close()
+
+
+# -- the resubscribe gap after a restart ---------------------------------------
+
+
+async def test_restart_gap_is_short_counted_and_logged(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="alkpubsub.redis")
+    transport = await alkpubsub.connect(redis_server.url)
+    topic = unique()
+    # A raw client that reconnects on its next command, without backoff: it is
+    # publishing again within a few ms of the server coming back. PUBLISH
+    # answers how many clients received the message, so 0 is a lost event.
+    publisher = aioredis.Redis.from_url(redis_server.url, retry=Retry(NoBackoff(), 0))
+    receivers: list[tuple[int, int]] = []  # (payload, clients that got it)
+    stop = asyncio.Event()
+
+    async def publish() -> None:
+        i = 0
+        while not stop.is_set():
+            event, body = Event.create(topic, i, origin="test")
+            with contextlib.suppress(rex.ConnectionError, rex.TimeoutError, OSError):
+                receivers.append((i, await publisher.publish(topic, event.envelope(body))))
+            i += 1
+            await asyncio.sleep(0.004)  # ~200 publishes/s
+
+    async with transport.subscribe(topic, buffer=100_000) as sub:
+        task = asyncio.create_task(publish())
+        await wait_until(lambda: len(receivers) > 20, 5, "publishing")
+        before = len(receivers)
+        # Down for 1 s: a doubling backoff would be between long pauses by then.
+        await asyncio.to_thread(redis_server.restart, 1.0)
+        await wait_until(lambda: sub.stats.reconnects == 1, 10, "reconnected")
+        await wait_until(lambda: len(receivers) > before + 100, 10, "publishing after")
+        stop.set()
+        await task
+        after = receivers[before:]
+        lost = [i for i, n in after if n == 0]
+        received = set()
+        while sub.buffered:
+            received.add((await sub.get(1)).payload)
+        print(f"restart gap: {len(lost)} of {len(after)} publishes after the restart lost")
+        assert all(i in received for i, n in after if n > 0)
+        assert len(lost) <= 6, f"lost {lost}"  # 10-20 ms between tries, 4 ms between publishes
+        assert sub.stats.reconnects == 1
+        assert 0 < sub.stats.offline_ms < 5000
+    assert "not live for" in caplog.text  # the gap's duration is logged
+    await transport.close()
+    await publisher.aclose()
+
+
+# -- garbage on the wire -----------------------------------------------------
+
+
+async def test_garbage_on_subscribed_channels_never_stops_delivery(
+    redis_server_session: RedisServer, transport: alkpubsub.Transport
+) -> None:
+    assert isinstance(transport, RedisTransport)
+    base = unique()
+    topic = f"{base}:x"
+    prefix = transport.options.prefix
+    async with (
+        transport.subscribe(topic) as exact,
+        transport.subscribe(f"{base}:*") as wild,
+        transport.subscribe(">") as everything,
+    ):
+        written = await publish_garbage(redis_server_session.url, prefix + topic, topic)
+        # Channels no alkpubsub topic can name, under the globs read here.
+        client = aioredis.Redis.from_url(redis_server_session.url)
+        await client.publish(f"{prefix}{base}:\xff bad".encode("latin-1"), b"x")
+        await client.publish(f"{prefix}{base}:".encode(), b"x")
+        await client.aclose()
+        good = await transport.publish(topic, "still here")
+        for sub in (exact, wild, everything):
+            assert (await sub.get(5)).id == good.id
+            assert sub.stats.malformed == written
+
+
+async def test_closing_the_transport_while_subscriptions_enter_leaves_nothing_running(
+    redis_server_session: RedisServer,
+) -> None:
+    transport = await alkpubsub.connect(f"{redis_server_session.url}?prefix={unique('p')}:")
+    subs = [transport.subscribe(f"{unique()}:>") for _ in range(4)]
+    entering = [asyncio.ensure_future(sub.start()) for sub in subs]
+    await asyncio.sleep(0)  # they are opening the pub/sub connection
+    await transport.close()
+    results = await asyncio.wait_for(asyncio.gather(*entering, return_exceptions=True), 5)
+    assert all(r is None or isinstance(r, Closed | ConnectionLost) for r in results), results
+    assert all(sub.closed for sub in subs)
+    await asyncio.sleep(0.1)
+    left = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("alkpubsub")]
+    assert left == []

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from brokers import RedisServer
+from redis_garbage import add_garbage
 
 import alkpubsub
 from alkpubsub import ConfigError, ConnectionLost, Event, Settings
@@ -211,6 +212,7 @@ async def test_group_position_survives_a_broker_restart(redis_server: RedisServe
         after = await collect_acking(sub, 2)
         assert [e.payload for e in after] == [4, 5]
         assert sub.stats.reconnects == 1
+        assert sub.stats.offline_ms > 0  # the time it could not read is recorded
         await asyncio.sleep(0.1)
     await transport.close()
     again = await alkpubsub.connect(url)
@@ -256,3 +258,41 @@ async def test_a_key_that_is_not_a_stream_is_refused(
 async def test_bad_options_are_refused(query: str, complaint: str) -> None:
     with pytest.raises(ConfigError, match=complaint):
         await alkpubsub.connect(f"redis+durable://localhost:6379/0?{query}")
+
+
+# -- garbage in the stream and large entries -----------------------------------
+
+
+async def test_garbage_entries_never_block_the_group(
+    redis_server_session: RedisServer, transport: RedisDurableTransport, stream: str
+) -> None:
+    topic = unique()
+    url = redis_server_session.url
+    async with (
+        transport.subscribe(topic, consumer=unique("c"), start="earliest") as named,
+        transport.subscribe(topic, start="earliest") as anonymous,
+        transport.subscribe(f"{topic}:dead", consumer=unique("d"), start="earliest") as dead,
+    ):
+        written = await add_garbage(url, stream, topic)
+        good = [await transport.publish(topic, i) for i in range(3)]
+        for sub in (named, anonymous):
+            got = await collect_acking(sub, 3)
+            assert [e.id for e in got] == [e.id for e in good]
+            assert sub.stats.malformed == written
+            await nothing_more(sub)
+        # Entries with this topic are dead-lettered; those without one acked away.
+        buried = await collect_acking(dead, named.stats.dead_lettered)
+        assert all(e.headers["x-dead-reason"].startswith("malformed") for e in buried)
+        assert named.stats.dead_lettered == written - 5  # five have no topic or no event
+    assert pending(redis_server_session, stream, named.consumer or "") == []
+
+
+async def test_largest_entry_is_delivered(transport: RedisDurableTransport) -> None:
+    topic = unique()
+    payload = "x" * 990_000  # the payload JSON just under the 1,000,000-byte limit
+    async with transport.subscribe(topic, consumer=unique("c")) as sub:
+        sent = await transport.publish(topic, payload)
+        small = await transport.publish(topic, "small")
+        got = await collect_acking(sub, 2)
+        assert [e.id for e in got] == [sent.id, small.id]
+        assert got[0].payload == payload

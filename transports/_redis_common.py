@@ -9,6 +9,8 @@ Nothing here logs or formats a password: messages name the server by
 from __future__ import annotations
 
 import asyncio
+import random
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +51,15 @@ class RedisTarget:
     def label(self) -> str:
         """The server as shown in names, logs and errors: never credentials."""
         return f"{self.scheme}://{self.host}:{self.port}/{self.db}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``rediss://`` (server certificate checked), else None."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
     def client(
         self,
@@ -149,12 +160,25 @@ def is_auth_error(exc: BaseException) -> bool:
 
 
 class Backoff:
-    """Reconnect pacing: 50 ms doubling to 1 s, and the outage's deadline."""
+    """Reconnect pacing and the outage's deadline.
 
-    def __init__(self, limit: float) -> None:
+    The first retry goes at once, the next ones every 10-20 ms (jittered)
+    while the outage is younger than ``FAST_FOR`` seconds: a restarting
+    server is usually back within that, and on pub/sub every millisecond
+    between its return and the resubscribe loses events (with the earlier
+    50 ms..1 s doubling, 22-24 publishes per restart were lost). A refused
+    connection costs microseconds. After ``FAST_FOR`` the pause doubles
+    from 50 ms up to ``cap``, so a long outage is not hammered.
+    """
+
+    FAST_FOR = 5.0
+
+    def __init__(self, limit: float, cap: float = 1.0) -> None:
         self.limit = limit
+        self.cap = cap
         self.since: float | None = None
-        self._delay = 0.05
+        self._tries = 0
+        self._slow = 0.05
 
     @property
     def down(self) -> bool:
@@ -168,16 +192,26 @@ class Backoff:
             self.since = now
         return now - self.since <= self.limit
 
+    def delay(self) -> float:
+        """Seconds to wait before the next attempt (and count the attempt)."""
+        self._tries += 1
+        if self._tries == 1:
+            return 0.0
+        if self.since is None or time.monotonic() - self.since < self.FAST_FOR:
+            return random.uniform(0.01, 0.02)
+        delay, self._slow = self._slow, min(self._slow * 2, self.cap)
+        return min(delay, self.cap) * random.uniform(0.5, 1.0)
+
     async def pause(self) -> None:
-        """Sleep before the next attempt."""
-        await asyncio.sleep(self._delay)
-        self._delay = min(self._delay * 2, 1.0)
+        """Sleep before the next attempt (only yield, before the first)."""
+        await asyncio.sleep(self.delay())
 
     def recovered(self) -> bool:
         """Record a success; True when it ended an outage."""
         was_down = self.since is not None
         self.since = None
-        self._delay = 0.05
+        self._tries = 0
+        self._slow = 0.05
         return was_down
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("alkpubsub.redis")
 
 BLOCK_MS = 5000  # one XREADGROUP waits this long for new entries
+_RAW_KEPT = 65536  # bytes of a malformed entry's text its dead letter keeps
 
 
 @dataclass(slots=True)
@@ -161,9 +163,15 @@ class RedisStreamSubscription(Subscription):
         return False
 
     def _ok(self, role: str) -> None:
-        if self._backoff[role].recovered() and role == "reader":
+        backoff = self._backoff[role]
+        since = backoff.since
+        if backoff.recovered() and role == "reader" and since is not None:
+            gap = time.monotonic() - since
             self.stats.reconnects += 1
-            log.warning("%s: %s reconnected", self.transport.name, self.group.member)
+            self.stats.offline_ms += round(gap * 1000)
+            log.warning(
+                "%s: %s reconnected after %.3f s", self.transport.name, self.group.member, gap
+            )
 
     # -- delivering --------------------------------------------------------
 
@@ -208,9 +216,14 @@ class RedisStreamSubscription(Subscription):
         held = _Held(entry_id, deliveries)
         try:
             event = Event.from_json(data, offset=offset)
-        except PayloadError as exc:
+            if event.topic != topic:
+                raise PayloadError(f"its envelope is for {event.topic!r}")
+        except (PayloadError, ValueError, RecursionError) as exc:
             t.report_malformed(self, "envelope", f"entry {entry_id!r} on {topic!r}: {exc}")
-            return await self._bury(held, topic, data.decode(errors="replace"), f"malformed: {exc}")
+            # Keep the start of the raw text for inspection; garbage can be any size.
+            raw = data[:_RAW_KEPT].decode(errors="replace")
+            cut = f" (first {_RAW_KEPT} of {len(data)} bytes kept)" if len(data) > _RAW_KEPT else ""
+            return await self._bury(held, topic, raw, f"malformed: {exc}{cut}")
         self._nacked.pop(entry_id, None)
         if deliveries > t.max_deliveries:
             reason = f"not acked after {deliveries - 1} deliveries"
@@ -240,9 +253,18 @@ class RedisStreamSubscription(Subscription):
         }
         if event is not None:
             headers["x-original-id"] = event.id
-        dead, body = Event.create(
-            dead_letter_topic(topic), payload, origin=t.origin, headers=headers
-        )
+        try:
+            dead, body = Event.create(
+                dead_letter_topic(topic), payload, origin=t.origin, headers=headers
+            )
+        except PayloadError as exc:
+            # Not publishable as it is (an entry written around the publish
+            # checks, e.g. over the size limit): keep the reason, not the payload.
+            headers = {k: v for k, v in headers.items() if k.startswith("x-")}
+            headers["x-dead-reason"] = f"{reason[:300]}; payload not kept: {exc}"[:500]
+            dead, body = Event.create(
+                dead_letter_topic(topic), None, origin=t.origin, headers=headers
+            )
         while True:
             try:
                 await self.group.bury(held.entry_id, t._fields(dead, body))

@@ -14,12 +14,15 @@ waits, so the order of writes is the order of calls.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from redis import exceptions as rex
 
 from ._redis_common import RedisTarget
+
+log = logging.getLogger("alkpubsub.redis")
 
 Frame = Any
 """A parsed RESP2 value: list, bytes, int, None, or ``redis.exceptions.ResponseError``."""
@@ -79,8 +82,10 @@ class PubSubWire(asyncio.BufferedProtocol):
     """A connected pub/sub socket; ``on_frame`` gets every frame read.
     ``lost`` resolves (with the error, if any) when the socket closes."""
 
-    def __init__(self, on_frame: Callable[[Frame], None]) -> None:
+    def __init__(self, on_frame: Callable[[Frame], None], label: str = "redis") -> None:
         self._on_frame = on_frame
+        self.label = label
+        """The server, for log lines (``RedisTarget.label``: no credentials)."""
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray(_MIN_READ)
         self._view = memoryview(self._buf)
@@ -109,18 +114,24 @@ class PubSubWire(asyncio.BufferedProtocol):
         self._end += nbytes
         buf, view, pos, end = self._buf, self._view, self._start, self._end
         need = 0
-        try:
-            while pos < end:
+        while pos < end:
+            try:
                 got = parse(buf, view, pos, end)
-                if isinstance(got, int):
-                    need = got
-                    break
-                frame, pos = got
-                self.frames += 1
+            except (ProtocolError, ValueError) as exc:
+                self._drop(ProtocolError(f"unreadable reply from {self.label} ({exc})"))
+                return
+            if isinstance(got, int):
+                need = got
+                break
+            frame, pos = got
+            self.frames += 1
+            try:
                 self._on_frame(frame)
-        except (ProtocolError, ValueError) as exc:
-            self._drop(ProtocolError(f"unreadable reply from the server ({exc})"))
-            return
+            except Exception:
+                # A bug in handling one frame must not cost the connection
+                # (asyncio closes it when buffer_updated raises) nor the frames
+                # already read behind it.
+                log.exception("%s: handling a pub/sub frame failed; reading on", self.label)
         if pos == end:
             pos = self._end = need = 0
             if len(buf) > _KEEP:
@@ -185,7 +196,7 @@ async def open_wire(
         if not reply.done():
             reply.set_result(frame)
 
-    wire = PubSubWire(first)
+    wire = PubSubWire(first, target.label)
     context = target.ssl_context()
     try:
         async with asyncio.timeout(timeout):

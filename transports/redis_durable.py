@@ -26,12 +26,18 @@ Features
     ``max_deliveries`` deliveries fails (nacked, or claimed once more), the
     event is added to ``<topic>:dead`` with headers ``x-dead-reason``,
     ``x-deliveries``, ``x-original-id``, ``x-original-offset`` and acked; so is
-    a malformed entry.
+    a malformed entry (an ``event`` field that is not an envelope for its
+    ``topic``; the dead letter keeps its first 64 KiB). Entries with no valid
+    ``topic`` or no ``event`` are acked unseen; both count in
+    ``stats.malformed`` and neither stops the member. Entries up to the
+    publish limit (1,000,000 bytes of payload JSON) are delivered.
 
-    While the broker is away every call is retried with backoff (50 ms doubling
-    to 1 s) and ``stats.reconnects`` counts each recovery; after
-    ``reconnect_timeout`` the iterator raises :class:`ConnectionLost` after its
-    buffered events. Unacked entries stay in the group and come back.
+    While the broker is away every call is retried (the first at once, then
+    every 10-20 ms for 5 s, then doubling from 50 ms to 1 s);
+    ``stats.reconnects`` counts each recovery and ``stats.offline_ms`` the time
+    the reader could not read. After ``reconnect_timeout`` the iterator raises
+    :class:`ConnectionLost` after its buffered events. Unacked entries stay in
+    the group and come back: nothing is lost while the broker is away.
 
     XADD trims the stream to about ``maxlen`` entries: trimming does not wait
     for consumer groups, so a group further behind than ``maxlen`` loses the

@@ -6,9 +6,11 @@ wake-up watcher per event loop. :func:`acquire` and :func:`release` count the
 :class:`~alkpubsub.storage.Store` handles on it; the last release closes it.
 
 A database whose file is replaced or deleted while open is *lost*: every
-subscription on it fails with :class:`ConnectionLost`, every later write,
-read or subscribe raises it, and it leaves the registry at once, so opening the
-path again (a new transport or ``open_store``) opens the file now there.
+subscription on it fails with :class:`ConnectionLost`, and every later write,
+read or subscribe raises it. Once every handle on it is closed, opening the
+path again (a new transport or ``open_store``) opens the file now there; before
+that, opening raises ``ConnectionLost`` too, because SQLite would let the new
+file share the old one's ``-wal`` and ``-shm`` (which corrupts databases).
 """
 
 from __future__ import annotations
@@ -213,6 +215,7 @@ class SharedDatabase:
         with _registry_lock:
             if _registry.get(self.path) is self:
                 del _registry[self.path]
+                _lost[self.path] = self
         log.error("%s", self.lost)
         for watcher in watchers:
             with suppress(RuntimeError):  # that loop is closed
@@ -233,6 +236,9 @@ class SharedDatabase:
 
 
 _registry: dict[str, SharedDatabase] = {}
+_lost: dict[str, SharedDatabase] = {}
+"""Lost databases still open here, by path: the path cannot be opened again until
+they close, or the new file would share the old one's -wal and -shm."""
 _registry_lock = threading.Lock()
 
 
@@ -262,6 +268,12 @@ def acquire(path: str, busy_timeout: float, notify_retention: float) -> SharedDa
     """The shared database of the resolved ``path``, opened if needed, with one
     more reference counted on it."""
     with _registry_lock:
+        if (lost := _lost.get(path)) is not None:
+            raise ConnectionLost(
+                f"{lost.lost}; {lost.refs} handle(s) on the old file are still open in this "
+                "process: close them all first (the new file would share the old one's "
+                "-wal and -shm)"
+            )
         shared = _registry.get(path)
         if shared is None:
             shared = _registry[path] = SharedDatabase(path, busy_timeout, notify_retention)
@@ -277,6 +289,8 @@ def release(shared: SharedDatabase) -> None:
             return
         if _registry.get(shared.path) is shared:
             del _registry[shared.path]
+        if _lost.get(shared.path) is shared:
+            del _lost[shared.path]
     shared.shutdown()
 
 

@@ -39,6 +39,7 @@ from .jobs import (
     WriterStats,
     send,
 )
+from .pruning import run_passes
 from .transaction import NOTIFY_SQL, STREAM_SQL, StoreTransaction, insert_rows
 
 if TYPE_CHECKING:
@@ -199,34 +200,27 @@ class GroupCommitWriter:
             with self._count_lock:
                 self._outstanding -= len(batch)
             if pruner is not None and pruner.due(time.monotonic()):
-                self._prune(pruner)
+                # Delete up to twice what this batch wrote, so pruning keeps up
+                # with any publishing rate (see pruning.py for the figures).
+                self._prune(pruner, max(pruner.batch, 2 * sum(job.rows for job in batch)))
         self._drain_after_stop()
 
-    def _prune(self, pruner: NotificationPruner) -> None:
-        """One bounded pruning pass in its own short transaction."""
+    def _prune(self, pruner: NotificationPruner, budget: int) -> None:
         self._prune_requested = False
         shared = self._shared
-        now = time.monotonic()
-        if shared.lost is not None:
-            pruner.failed(now)
-            return
-        try:
-            shared.gate.acquire()
-        except PubSubError:
-            pruner.failed(now)  # another writer is busy for long: publishes come first
-            return
-        try:
-            with shared.db.transaction() as htx:
-                deleted = pruner.run(StoreTransaction(htx, ""), now, shared.unread_after())
-        except Exception as exc:  # e.g. the disk is full; the pass is retried later
-            pruner.failed(now)
+        deleted, error = run_passes(
+            pruner,
+            shared.db,
+            shared.gate,
+            unread_after=shared.unread_after,
+            lost=lambda: shared.lost is not None,
+            budget=budget,
+        )
+        self.stats.pruned_notifications += deleted
+        if error is not None:
             self.stats.prune_failures += 1
             if self.stats.prune_failures == 1:
-                log.warning("%s: pruning notifications failed (retried): %s", shared.path, exc)
-            return
-        finally:
-            shared.gate.release()
-        self.stats.pruned_notifications += deleted
+                log.warning("%s: pruning notifications failed (retried): %s", shared.path, error)
 
     def _drain_after_stop(self) -> None:
         while True:

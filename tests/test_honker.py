@@ -251,10 +251,14 @@ def garbage_notifications(topic: str) -> list[Statement]:
         (NOTIFY, [topic, envelope("someone:else")]),  # envelope topic != channel
         (NOTIFY, [topic, DEEP]),
         (NOTIFY, [topic, HUGE]),
-        ("INSERT INTO _honker_notifications (channel, payload) VALUES (?, CAST(? AS TEXT))",
-         [topic, b"\xff\xfe"]),  # TEXT that is not UTF-8
-        ("INSERT INTO _honker_notifications (channel, payload, created_at) VALUES (?, ?, ?)",
-         [topic, "[]", "not a time"]),
+        (
+            "INSERT INTO _honker_notifications (channel, payload) VALUES (?, CAST(? AS TEXT))",
+            [topic, b"\xff\xfe"],
+        ),  # TEXT that is not UTF-8
+        (
+            "INSERT INTO _honker_notifications (channel, payload, created_at) VALUES (?, ?, ?)",
+            [topic, "[]", "not a time"],
+        ),
     ]
 
 
@@ -311,9 +315,7 @@ c.close()
 
 async def replace_file(path: str) -> None:
     """Swap a fresh SQLite file in at ``path`` (as a restore from backup would)."""
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", REPLACEMENT, path + ".new"
-    )
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", REPLACEMENT, path + ".new")
     assert await asyncio.wait_for(child.wait(), 30) == 0
     os.replace(path + ".new", path)
 
@@ -347,8 +349,12 @@ async def test_a_lost_file_fails_subscriptions_loudly_and_a_new_transport_works(
             await again.get(timeout=10)
     with pytest.raises(ConnectionLost, match=how):
         await transport.publish("a:b", 2)
+    # Opening the path again while the old file is still open here is refused:
+    # the new file would share the old one's -wal and -shm.
+    with pytest.raises(ConnectionLost, match="close them all first"):
+        await alkpubsub.connect(url)
     await transport.close()
-    # A new transport opens the file now at the path and sees other processes.
+    # Once closed, a new transport opens the file now at the path and sees other processes.
     fresh = await alkpubsub.connect(url)
     async with fresh.subscribe("xproc:*") as sub:
         child = await run_child(PUBLISHER, url, "3")

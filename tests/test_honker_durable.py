@@ -287,10 +287,14 @@ def garbage_stream_rows(stream: str, topic: str) -> list[Statement]:
         (APPEND, [stream, None, envelope(topic)[:-1] + ', "topic": "someone:else"}']),
         (APPEND, [stream, None, DEEP]),
         (APPEND, [stream, None, HUGE]),
-        ("INSERT INTO _honker_stream (topic, payload) VALUES (?, CAST(? AS TEXT))",
-         [stream, b"\xff\xfe"]),  # TEXT that is not UTF-8
-        ("INSERT INTO _honker_stream (topic, payload, created_at) VALUES (?, ?, ?)",
-         [stream, "[]", "not a time"]),
+        (
+            "INSERT INTO _honker_stream (topic, payload) VALUES (?, CAST(? AS TEXT))",
+            [stream, b"\xff\xfe"],
+        ),  # TEXT that is not UTF-8
+        (
+            "INSERT INTO _honker_stream (topic, payload, created_at) VALUES (?, ?, ?)",
+            [stream, "[]", "not a time"],
+        ),
     ]
 
 

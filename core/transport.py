@@ -43,6 +43,9 @@ class SubscriptionStats:
     malformed: int = 0
     reconnects: int = 0
     lag: int | None = 0
+    offline_ms: int = 0
+    """Milliseconds the subscription was not live after it started (reconnects):
+    ephemeral transports lose what was published then, durable ones deliver it late."""
 
     def as_dict(self) -> dict[str, int | None]:
         """A plain dict, for logs and the CLI."""

@@ -4,16 +4,18 @@ One pull request is outstanding at a time, for no more events than the buffer
 has room for, so a slow reader pauses the consumer instead of losing events
 (and competing members get the rest). A member of a named consumer also holds
 at most ``prefetch`` deliveries unacked (asked for, buffered, or handed out
-and not acked), well below the consumer's ``max_ack_pending``: the server stops
-the whole consumer at that limit, so a member killed holding a full buffer of
-1024 used to stall every other member until ``ack_wait`` (measured 29.5 s with
-ack_wait=30). Now only its own deliveries wait. A delivery held longer than
-``ack_wait`` no longer counts (the server has taken it back for redelivery). Requests go straight to
-``$JS.API.CONSUMER.MSG.NEXT`` with a reply inbox per subscription, handled by a
-nats-py callback: that keeps closing exact (in-hand events are naked back, none
-stay stranded in a client-side queue) and lets a lost request be told apart
-from an idle one, which is how a vanished consumer (nats.py #504, memory
-streams after a restart) is noticed and re-created.
+and not acked), at most half the consumer's ``max_ack_pending``: the server
+stops the whole consumer at that limit, so a member killed holding a full
+buffer (1024, over the server's default of 1000) used to stall every other
+member until ``ack_wait`` (measured 29.5 s with ack_wait=30). Now only its own
+deliveries wait. A delivery held longer than ``ack_wait`` no longer counts (the
+server has taken it back for redelivery).
+
+Requests go straight to ``$JS.API.CONSUMER.MSG.NEXT`` with a reply inbox per
+subscription, handled by a nats-py callback: that keeps closing exact (in-hand
+events are naked back, none stay stranded in a client-side queue) and lets a
+lost request be told apart from an idle one, which is how a vanished consumer
+(nats.py #504, memory streams after a restart) is noticed and re-created.
 """
 
 from __future__ import annotations
@@ -25,16 +27,15 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from alkpubsub.capabilities import Start
-from alkpubsub.errors import ConfigError, ConnectionLost, PayloadError
+from alkpubsub.errors import ConnectionLost, PayloadError
 from alkpubsub.event import Event
 from alkpubsub.transport import Subscription
 
-from ._nats_common import escape_name
+from ._nats_consumer import Consumer
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription as NatsSub
-    from nats.js.api import ConsumerConfig, ConsumerInfo
 
     from .nats_durable import NatsDurableTransport
 
@@ -59,18 +60,18 @@ class PullSubscription(Subscription):
         buffer: int,
     ) -> None:
         super().__init__(transport, pattern, consumer=consumer, start=start, buffer=buffer)
+        self.consumer_state = Consumer(
+            transport.consumer_settings,
+            consumer=consumer,
+            pattern=pattern,
+            filter_subject=transport.subject(pattern),
+            start=start,
+            log_once=transport.log_once,
+        )
         self.durable = consumer is not None
-        if consumer is not None:
-            self.consumer_name = escape_name(consumer)
-        else:
-            from nats.nuid import NUID
-
-            self.consumer_name = "anon-" + NUID().next().decode()
+        self.consumer_name = self.consumer_state.name
         # stream sequence -> (delivery, loop time received), in the order received
         self._unacked: dict[int, tuple[Msg, float]] = {}
-        options = transport.options
-        self._hold = options.prefetch  # until the consumer's own limits are known
-        self._ack_wait = options.ack_wait
         self._freed = asyncio.Event()  # an ack/nack made room below the hold limit
         self._inbox: NatsSub | None = None
         self._reply = ""
@@ -80,7 +81,6 @@ class PullSubscription(Subscription):
         self._answered = False
         self._request_done = asyncio.Event()
         self._heal = False
-        self._next_seq: int | None = None  # past the newest stream sequence seen
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -141,142 +141,9 @@ class PullSubscription(Subscription):
             self._task.cancel()
             self._task = None
 
-    def consumer_config(self) -> ConsumerConfig:
-        """The JetStream consumer this subscription reads."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        transport = self.transport
-        start = self.start_at
-        config = ConsumerConfig(filter_subject=transport.subject(self.pattern.text))
-        if start == "new":
-            config.deliver_policy = DeliverPolicy.NEW
-        elif isinstance(start, int) and start > 1:
-            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = start
-        else:
-            config.deliver_policy = DeliverPolicy.ALL
-        if self.durable:
-            config.durable_name = self.consumer_name
-            config.ack_policy = AckPolicy.EXPLICIT
-            config.ack_wait = transport.options.ack_wait
-            config.max_ack_pending = transport.options.max_ack_pending
-            # One delivery past the limit, so a consumer that died holding the
-            # event still sees it and can dead-letter it.
-            config.max_deliver = transport.max_deliveries + 1
-        else:
-            config.name = self.consumer_name
-            config.ack_policy = AckPolicy.NONE
-            config.inactive_threshold = transport.options.reconnect_timeout + 30
-        return config
-
     async def ensure_consumer(self) -> None:
-        """Create the consumer, or check that an existing one follows this pattern.
-
-        A consumer that vanished after we read from it (deleted, or a memory
-        stream lost in a restart) is re-created from the next sequence we have
-        not seen, or from the start when the stream itself is new.
-        """
-        from nats.js.api import DeliverPolicy
-        from nats.js.errors import BadRequestError, NotFoundError
-
-        transport = self.transport
-        js = transport.js
-        for _ in range(3):
-            if self.durable or self._next_seq is not None:
-                try:
-                    info = await js.consumer_info(transport.stream, self.consumer_name)
-                except NotFoundError:
-                    pass
-                else:
-                    self._check_filter(info.config.filter_subject or transport.subjects)
-                    if self.durable:
-                        info = await self._reconcile(info)
-                    self._adopt(info.config)
-                    self._seen(info.delivered.stream_seq if info.delivered else 0)
-                    return
-            config = self.consumer_config()
-            if self._next_seq is not None:
-                state = (await js.stream_info(transport.stream)).state
-                if 1 < self._next_seq <= state.last_seq + 1:
-                    config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-                    config.opt_start_seq = self._next_seq
-                else:
-                    config.deliver_policy, config.opt_start_seq = DeliverPolicy.ALL, None
-                transport._conn.log_once(
-                    f"vanished:{self.consumer_name}",
-                    "%s: consumer %s was gone; re-created from stream sequence %s",
-                    transport.name,
-                    self.consumer_name,
-                    config.opt_start_seq or 1,
-                )
-            try:
-                info = await js.add_consumer(transport.stream, config)
-            except BadRequestError:
-                continue  # created meanwhile by another member with other settings
-            self._adopt(info.config)
-            self._seen(info.delivered.stream_seq if info.delivered else 0)
-            return
-        raise ConfigError(
-            f"cannot create consumer {self.consumer!r} on stream {transport.stream!r}"
-        )
-
-    async def _reconcile(self, info: ConsumerInfo) -> ConsumerInfo:
-        """Give an existing consumer this URL's ack_wait, max_ack_pending and
-        max_deliver. Creating it applied them; for one made earlier (by an older
-        version, or with other options) nothing would: nats-py's pull_subscribe
-        does not reconcile, and a consumer left at max_ack_pending=1000 stalls.
-        nats-server (2.9) updates these three in place when asked to create the
-        consumer again. The last member to open sets them."""
-        from nats.js.errors import APIError
-
-        have, want = info.config, self.consumer_config()
-        old = (have.ack_wait, have.max_ack_pending, have.max_deliver)
-        new = (want.ack_wait, want.max_ack_pending, want.max_deliver)
-        if old == new:
-            return info
-        transport = self.transport
-        config = have.evolve(
-            ack_wait=want.ack_wait, max_ack_pending=want.max_ack_pending,
-            max_deliver=want.max_deliver,
-        )  # fmt: skip
-        try:
-            updated = await transport.js.add_consumer(transport.stream, config)
-        except APIError as exc:
-            transport._conn.log_once(
-                f"keep:{self.consumer_name}",
-                "%s: consumer %s keeps (ack_wait, max_ack_pending, max_deliver)=%s, the "
-                "server refused %s: %s",
-                transport.name, self.consumer_name, old, new, exc,
-            )  # fmt: skip
-            return info
-        transport._conn.log_once(
-            f"update:{self.consumer_name}",
-            "%s: consumer %s had (ack_wait, max_ack_pending, max_deliver)=%s; set to %s",
-            transport.name, self.consumer_name, old, new,
-        )  # fmt: skip
-        return updated
-
-    def _adopt(self, config: ConsumerConfig) -> None:
-        """Hold limits from the consumer as the server has it: at most half its
-        max_ack_pending, so one dead member never stops the others."""
-        limit = config.max_ack_pending or 0
-        prefetch = self.transport.options.prefetch
-        self._hold = min(prefetch, max(1, limit // 2)) if limit > 0 else prefetch
-        self._ack_wait = config.ack_wait or self.transport.options.ack_wait
-
-    def _check_filter(self, have: str) -> None:
-        want = self.transport.subject(self.pattern.text)
-        if have != want:
-            raise ConfigError(
-                f"consumer {self.consumer!r} on stream {self.transport.stream!r} already "
-                f"follows {have!r}, not {want!r} (pattern {self.pattern.text!r}); a "
-                "consumer name follows one pattern: use another consumer name, or delete "
-                "the consumer"
-            )
-
-    def _seen(self, seq: int) -> None:
-        if self._next_seq is None or seq >= self._next_seq:
-            self._next_seq = seq + 1
+        """Create the consumer, or check and bind an existing one."""
+        await self.consumer_state.ensure(self.transport.js)
 
     # -- acknowledgement -------------------------------------------------------
 
@@ -307,11 +174,11 @@ class PullSubscription(Subscription):
     def _made_room(self) -> None:
         # Wake the pull loop once half a batch is free, not on every ack: a
         # pull request per ack would cost a server round trip per event.
-        if len(self._unacked) <= self._hold - self._low_water():
+        if len(self._unacked) <= self.consumer_state.hold - self._low_water():
             self._freed.set()
 
     def _low_water(self) -> int:
-        return max(1, min(self.transport.options.batch, self._hold) // 2)
+        return max(1, min(self.transport.options.batch, self.consumer_state.hold) // 2)
 
     async def _answer(self, reply: Awaitable[None]) -> None:
         import nats.errors as nerr
@@ -345,7 +212,7 @@ class PullSubscription(Subscription):
                 continue
             room = max(1, min(opts.batch, self.buffer_size - len(self._buffer)))
             if self.durable:
-                free = self._hold - self._holding()
+                free = self.consumer_state.hold - self._holding()
                 if free < min(room, self._low_water()):
                     await self._wait_for_room()
                     continue
@@ -376,9 +243,9 @@ class PullSubscription(Subscription):
     def _holding(self) -> int:
         """Unacked deliveries held that are younger than the consumer's ack_wait."""
         count = len(self._unacked)
-        if count < self._hold:
+        if count < self.consumer_state.hold:
             return count  # the common case: no need to look at their ages
-        cutoff = asyncio.get_running_loop().time() - self._ack_wait
+        cutoff = asyncio.get_running_loop().time() - self.consumer_state.ack_wait
         for _, received in self._unacked.values():  # oldest first
             if received >= cutoff:
                 break
@@ -389,7 +256,7 @@ class PullSubscription(Subscription):
         """Until acks free half a batch, the link comes back, or the oldest held
         delivery passes ack_wait (the server then takes it back)."""
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self._ack_wait
+        cutoff = loop.time() - self.consumer_state.ack_wait
         oldest = next((t for _, t in self._unacked.values() if t >= cutoff), loop.time())
         self._freed.clear()
         with contextlib.suppress(TimeoutError):
@@ -420,7 +287,7 @@ class PullSubscription(Subscription):
             return
         meta = msg.metadata
         seq = meta.sequence.stream
-        self._seen(seq)
+        self.consumer_state.seen(seq)
         try:
             event = Event.from_json(msg.data, offset=seq)
         except PayloadError as exc:

@@ -14,7 +14,12 @@ Features
     outbound buffer (``pending_size``) and are sent on reconnect; a full buffer
     raises ``PublishError``. After ``reconnect_timeout`` seconds without a
     server the transport gives up: iterators raise ``ConnectionLost``, and so
-    does ``publish``.
+    does ``publish``. ``max_payload_bytes`` is lowered after connect when the
+    server's ``max_payload`` cannot carry the largest payload with its envelope;
+    a message over it is a ``PayloadError`` at publish (nats-server would close
+    the connection). Messages that are not our events (garbage, an envelope on
+    another topic's subject, a subject or status line that is not UTF-8) are
+    counted in ``stats.malformed`` and delivery goes on.
 
 Connection String
     ``nats://[user:password@|token@]host[:4222][?options]``
@@ -49,14 +54,8 @@ from alkpubsub.event import Event
 from alkpubsub.topics import Pattern
 from alkpubsub.transport import BaseTransport, Subscription
 
-from ._nats_common import (
-    NatsConnection,
-    NatsConnectionOptions,
-    check_positive,
-    check_prefix,
-    to_subject,
-    too_big,
-)
+from ._nats_common import NatsConnectionOptions, check_positive, check_prefix, to_subject, too_big
+from ._nats_connection import NatsConnection
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg

@@ -14,9 +14,13 @@ Features
     last ack; subscriptions sharing the name split the events. ``start`` applies
     only when the consumer is created: ``"new"``, ``"earliest"`` or a stream
     sequence (inclusive). A subscription asks for no more events than its buffer
-    has room for (backpressure, no loss). ``nack(delay=)`` is a JetStream nak;
-    the delivery that reaches ``max_deliveries`` failures (nacks, or
-    ``ack_wait`` passing without an ack) goes to ``<topic>:dead`` with headers
+    has room for (backpressure, no loss), and a member of a named consumer holds
+    at most ``prefetch`` deliveries unacked, so a member killed while behind
+    delays only its own deliveries (by ``ack_wait``), never the other members.
+    ``ack_wait``, ``max_ack_pending`` and ``max_deliveries`` are set on the
+    consumer, also on an existing one whose values differ. ``nack(delay=)`` is
+    a JetStream nak; the delivery that reaches ``max_deliveries`` failures
+    (nacks, or ``ack_wait`` passing without an ack) goes to ``<topic>:dead`` with headers
     ``x-dead-reason``, ``x-deliveries``, ``x-original-id``, ``x-original-offset``,
     ``x-consumer``, and is acked. Closing a subscription naks what it holds
     unacked, so another member gets it at once (that counts as a delivery).
@@ -24,6 +28,12 @@ Features
     from ``start`` without acks (ack/nack are no-ops), deleted on close.
     Reconnects, broker restarts and lost consumers (memory storage) are healed
     by re-creating the stream/consumer and re-issuing the pull request.
+    ``max_payload_bytes`` is lowered after connect when the server's
+    ``max_payload`` or the stream's ``max_msg_size`` cannot carry the largest
+    payload with its envelope; a message over either is a ``PayloadError`` at
+    publish. Messages that are not our events (garbage, an envelope on another
+    topic's subject) are counted in ``stats.malformed`` and dead-lettered with
+    their raw text (named consumers) or termed: they never hold a consumer.
 
 Connection String
     ``nats+durable://[user:password@|token@]host[:4222]?stream=EVENTS``
@@ -56,11 +66,9 @@ Transport Options
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 from alkpubsub.capabilities import Capabilities, Start
@@ -71,27 +79,24 @@ from alkpubsub.topics import dead_letter_topic, validate_topic
 from alkpubsub.transport import BaseTransport, Subscription
 
 from ._nats_common import (
-    NatsConnection,
     NatsConnectionOptions,
     check_positive,
     check_prefix,
     to_subject,
     to_topic,
-    too_big,
 )
+from ._nats_connection import NatsConnection
+from ._nats_consumer import ConsumerSettings
 from ._nats_pull import PullSubscription
+from ._nats_store import StreamWriter, WriterSettings
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
-    from nats.js.api import PubAck
 
 log = logging.getLogger("alkpubsub.nats")
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
-_CHUNK = 1000  # publish_many: futures in flight at once
-_MSG_ID_HEADER = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")  # plus the id itself
-_EVENT_ID = 36  # a UUID as text
 _RAW_KEPT = 65_536  # characters of a malformed message's text kept in its dead letter
 
 
@@ -145,9 +150,23 @@ class NatsDurableTransport(BaseTransport):
         )
         self._js: JetStreamContext | None = None
         self.lost: ConnectionLost | None = None
-        self._attempts: set[asyncio.Timeout] = set()
         self._stream_max_msg: int | None = None  # the stream's max_msg_size, if set
-        self._max_message = 0  # bytes the server and stream take in one message
+        self.consumer_settings = ConsumerSettings(
+            label=self.name, stream=self.stream, subjects=self.subjects,
+            ack_wait=options.ack_wait, max_ack_pending=options.max_ack_pending,
+            prefetch=options.prefetch, max_deliveries=self.max_deliveries,
+            inactive_threshold=options.reconnect_timeout + 30,
+        )  # fmt: skip
+        self._writer = StreamWriter(
+            self._conn,
+            WriterSettings(
+                options.stream, options.publish_timeout, options.api_timeout,
+                options.duplicate_window,
+            ),
+            js=lambda: self.js,
+            check_open=self._check_open,
+            recreate_stream=lambda: self._try(self.ensure_stream),
+        )  # fmt: skip
 
     async def connect(self) -> None:
         """Connect and create or bind the stream (idempotent)."""
@@ -158,16 +177,7 @@ class NatsDurableTransport(BaseTransport):
         self._js = self._conn.nc.jetstream(timeout=self.options.api_timeout)
         with self._conn.translate(f"setting up stream {self.stream!r}"):
             await self.ensure_stream()
-        self._fit_sizes()
-
-    def _fit_sizes(self) -> None:
-        """Hold payloads to what the server's max_payload and the stream's
-        max_msg_size take with the envelope and our Nats-Msg-Id header."""
-        conn = self._conn
-        self._max_message = conn.message_limit(self._stream_max_msg)
-        self.max_payload_bytes = conn.payload_limit(
-            _MSG_ID_HEADER + _EVENT_ID, self._stream_max_msg
-        )
+        self.max_payload_bytes = self._writer.fit(self._stream_max_msg)
 
     @property
     def js(self) -> JetStreamContext:
@@ -177,6 +187,10 @@ class NatsDurableTransport(BaseTransport):
         if self._js is None:
             raise ConnectionLost(f"{self.name} is not connected; await transport.connect()")
         return self._js
+
+    def log_once(self, kind: str, message: str, *args: object) -> None:
+        """Log a warning the first time ``kind`` happens on this transport's connection."""
+        self._conn.log_once(kind, message, *args)
 
     def subject(self, topic_or_pattern: str) -> str:
         """The subject of a topic, or the subject filter of a pattern."""
@@ -228,143 +242,13 @@ class NatsDurableTransport(BaseTransport):
     # -- publishing ----------------------------------------------------------
 
     async def _publish(self, event: Event, body: bytes) -> Event:
-        ack = await self.store(self.subject(event.topic), event.envelope(body), event.id)
+        ack = await self._writer.store(self.subject(event.topic), event.envelope(body), event.id)
         return event.with_offset(ack.seq)
 
-    async def store(self, subject: str, data: bytes, msg_id: str) -> PubAck:
-        """Publish to the stream and wait for its PubAck, retrying with the same
-        ``Nats-Msg-Id`` (deduplicated by the server) for up to ``publish_timeout``."""
-        if len(data) + _MSG_ID_HEADER + len(msg_id) > self._max_message:
-            raise self._too_big(subject, len(data) + _MSG_ID_HEADER + len(msg_id))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.publish_timeout
-        try:
-            # The first attempt inlines _attempt(): its generator-based context
-            # manager and the module imports below cost ~10 us a publish.
-            async with asyncio.timeout(
-                min(self.options.publish_timeout, self.options.api_timeout)
-            ) as scope:
-                self._attempts.add(scope)
-                try:
-                    self._check_open()
-                    return await self.js.publish(
-                        subject,
-                        data,
-                        timeout=self.options.publish_timeout + 1,
-                        headers={"Nats-Msg-Id": msg_id},
-                    )
-                finally:
-                    self._attempts.discard(scope)
-        except Exception as exc:
-            first: Exception | None = exc
-        return await self._store_retrying(subject, data, msg_id, deadline, first)
-
-    async def _store_retrying(
-        self, subject: str, data: bytes, msg_id: str, deadline: float, first: Exception | None
-    ) -> PubAck:
-        """:meth:`store` after its first attempt failed with ``first``."""
-        import nats.errors as nerr
-        from nats.js.errors import APIError, NoStreamResponseError
-
-        loop = asyncio.get_running_loop()
-        pause, silent = 0.05, 0
-        while True:
-            left = max(0.05, deadline - loop.time())
-            try:
-                if first is not None:
-                    exc, first = first, None
-                    raise exc
-                self._check_open()
-                async with self._attempt(min(left, self.options.api_timeout)):
-                    return await self.js.publish(
-                        subject, data, timeout=left + 1, headers={"Nats-Msg-Id": msg_id}
-                    )
-            except nerr.ConnectionClosedError:
-                raise self._conn.lost_error() from None
-            except nerr.OutboundBufferLimitError:
-                error: Exception = PublishError("the outbound buffer is full while disconnected")
-            except nerr.MaxPayloadError:
-                raise self._too_big(subject, len(data) + _MSG_ID_HEADER + len(msg_id)) from None
-            except TimeoutError as exc:
-                error = exc  # no PubAck: server restarting, or a reconnect cut the wait
-            except (NoStreamResponseError, nerr.NoRespondersError) as exc:
-                # Just after a restart the stream may not listen yet; if it stays
-                # silent it is gone (memory storage) and is made again.
-                error, silent = exc, silent + 1
-                if silent >= 3:
-                    await self._try(self.ensure_stream)
-            except APIError as exc:
-                if exc.err_code == 10054:  # over the stream's max_msg_size (changed since)
-                    raise self._too_big(subject, len(data) + _MSG_ID_HEADER + len(msg_id)) from None
-                if exc.code != 503:
-                    raise PublishError(
-                        f"stream {self.stream!r} refused the event on {subject!r}: {exc}"
-                    ) from None
-                error = exc
-            if loop.time() + pause >= deadline:
-                raise PublishError(
-                    f"{self.name}: no PubAck for the event on {subject!r} within "
-                    f"{self.options.publish_timeout:g} s ({error or 'timeout'}); it may or may "
-                    "not be stored: publishing the same event again (transport.forward) "
-                    f"is deduplicated within duplicate_window={self.options.duplicate_window:g}s"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
-
-    def _too_big(self, subject: str, size: int) -> PayloadError:
-        if self._stream_max_msg is not None and self._stream_max_msg == self._max_message:
-            return too_big(
-                subject, size, self._max_message, f"max_msg_size of stream {self.stream!r}"
-            )
-        return too_big(subject, size, self._max_message, "the NATS server's max_payload")
-
     async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
-        import nats.errors as nerr
-
-        done: list[Event] = []
-        for start in range(0, len(batch), _CHUNK):
-            chunk = [
-                (e, self.subject(e.topic), e.envelope(b)) for e, b in batch[start : start + _CHUNK]
-            ]
-            for _, subject, data in chunk:  # all checked before any is sent
-                if len(data) + _MSG_ID_HEADER + _EVENT_ID > self._max_message:
-                    raise self._too_big(subject, len(data) + _MSG_ID_HEADER + _EVENT_ID)
-            futures: list[asyncio.Future[PubAck]] = []
-            try:
-                publish_async = self.js.publish_async
-                for event, subject, data in chunk:
-                    futures.append(
-                        await publish_async(subject, data, headers={"Nats-Msg-Id": event.id})
-                    )
-            except nerr.ConnectionClosedError:
-                raise self._conn.lost_error() from None
-            except nerr.Error:
-                pass  # the rest go through store() below
-            if futures:
-                with contextlib.suppress(TimeoutError):
-                    async with self._attempt(self.options.publish_timeout):
-                        await asyncio.wait(futures)
-            for i, (event, subject, data) in enumerate(chunk):
-                fut = futures[i] if i < len(futures) else None
-                if fut is not None and fut.done() and not fut.cancelled() and not fut.exception():
-                    done.append(event.with_offset(fut.result().seq))
-                else:
-                    if fut is not None:
-                        fut.cancel()  # frees nats-py's in-flight slot
-                    # Same id: a copy that did arrive is dropped by the server.
-                    done.append(event.with_offset((await self.store(subject, data, event.id)).seq))
-        return done
-
-    @contextlib.asynccontextmanager
-    async def _attempt(self, seconds: float) -> AsyncIterator[None]:
-        """A time limit for waiting on PubAcks that a reconnect cuts short: acks
-        for requests lost with the old connection never come, so retry at once."""
-        async with asyncio.timeout(seconds) as scope:
-            self._attempts.add(scope)
-            try:
-                yield
-            finally:
-                self._attempts.discard(scope)
+        items = [(self.subject(e.topic), e.envelope(b), e.id) for e, b in batch]
+        seqs = await self._writer.store_many(items)
+        return [event.with_offset(seq) for (event, _), seq in zip(batch, seqs, strict=True)]
 
     # -- dead letters ----------------------------------------------------------
 
@@ -384,7 +268,7 @@ class NatsDurableTransport(BaseTransport):
         try:
             topic = validate_topic(dead_letter_topic(event.topic))
             dead, body = Event.create(topic, event.payload, origin=self.origin, headers=headers)
-            await self.store(
+            await self._writer.store(
                 self.subject(topic), dead.envelope(body), f"{event.id}:dead:{consumer}"
             )
         except (InvalidTopic, PayloadError) as exc:
@@ -432,7 +316,7 @@ class NatsDurableTransport(BaseTransport):
 
     async def _try(self, step: Callable[[], Awaitable[None]]) -> bool:
         try:
-            async with self._attempt(self.options.api_timeout):
+            async with self._writer.attempt(self.options.api_timeout):
                 await step()
             return True
         except Exception as exc:  # logged; the caller retries
@@ -440,10 +324,9 @@ class NatsDurableTransport(BaseTransport):
             return False
 
     def _healed(self) -> None:
-        self._fit_sizes()  # the server may have come back with another max_payload
-        now = asyncio.get_running_loop().time()
-        for scope in self._attempts:
-            scope.reschedule(now)
+        # The server may have come back with another max_payload.
+        self.max_payload_bytes = self._writer.fit(self._stream_max_msg)
+        self._writer.cut_short()
         for sub in self._subscriptions:
             if isinstance(sub, PullSubscription):
                 sub.reconnected()

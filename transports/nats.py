@@ -160,7 +160,9 @@ class NatsTransport(BaseTransport):
         if isinstance(exc, MaxPayloadError):
             # Only with headers that JSON escapes, or after a reconnect to a
             # server with a smaller max_payload: payloads are held below it.
-            return too_big(subject, len(data), self._conn.message_limit(), "max_payload")
+            return too_big(
+                subject, len(data), self._conn.message_limit(), "the NATS server's max_payload"
+            )
         if isinstance(exc, ConnectionClosedError):
             return self._conn.lost_error()
         return exc

@@ -351,7 +351,7 @@ class AdversarialCases(SuiteFixtures):
             runner.run(_refused(transport, topic, *case))
 
         with asyncio.Runner() as runner:
-            transport = runner.run(factory())
+            transport: Transport = runner.run(_made(factory))
             sub = transport.subscribe(topic)
             try:
                 runner.run(sub.__aenter__())
@@ -375,7 +375,7 @@ class AdversarialCases(SuiteFixtures):
             assert to_json(got.payload) == to_json(payload)
 
         with asyncio.Runner() as runner:
-            transport = runner.run(factory())
+            transport: Transport = runner.run(_made(factory))
             sub = transport.subscribe(topic)
             try:
                 runner.run(sub.__aenter__())
@@ -450,6 +450,10 @@ class AdversarialCases(SuiteFixtures):
                 assert got_late.id == late.id
         finally:
             await asyncio.gather(*(sub.close() for sub in subs))
+
+
+async def _made(factory: TransportFactory) -> Transport:
+    return await factory()
 
 
 async def _refused(transport: Transport, topic: str, kind: str, value: Any) -> None:

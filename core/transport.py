@@ -497,7 +497,7 @@ def _iterate(items: Any) -> Iterable[Any]:
         raise PayloadError(
             f"publish_many takes an iterable of (topic, payload) pairs, not {_short(items)}"
         )
-    return items  # type: ignore[no-any-return]
+    return items
 
 
 def _short(value: Any) -> str:

@@ -296,3 +296,30 @@ async def test_largest_entry_is_delivered(transport: RedisDurableTransport) -> N
         got = await collect_acking(sub, 2)
         assert [e.id for e in got] == [sent.id, small.id]
         assert got[0].payload == payload
+
+
+async def test_dead_letter_of_an_unpublishable_payload_keeps_the_reason(
+    redis_server_session: RedisServer, stream: str
+) -> None:
+    # Written around the publish checks: the envelope decodes (to inf), but
+    # the dead letter cannot be published with that payload.
+    url = durable_url(redis_server_session, stream, max_deliveries=1)
+    transport = await alkpubsub.connect(url)
+    topic = unique()
+    async with (
+        transport.subscribe(topic, consumer=unique("c"), start="earliest") as sub,
+        transport.subscribe(dead_letter_topic(topic), consumer=unique("d")) as dead,
+    ):
+        event, body = Event.create(topic, 1, origin="raw")
+        raw = event.envelope(body).replace(b'"payload":1', b'"payload":1e999999')
+        redis_server_session.call("XADD", stream, "*", "topic", topic, "event", raw)
+        [odd] = await collect(sub, 1)
+        await sub.nack(odd)  # the last allowed delivery: dead-lettered now
+        [buried] = await collect_acking(dead, 1)
+        assert buried.payload is None
+        assert "payload not kept" in buried.headers["x-dead-reason"]
+        assert buried.headers["x-original-id"] == event.id
+        good = await transport.publish(topic, "fine")
+        [after] = await collect_acking(sub, 1)
+        assert after.id == good.id
+    await transport.close()

@@ -259,14 +259,6 @@ class RedisTransport(BaseTransport):
     # -- reading -----------------------------------------------------------
 
     def _on_frame(self, frame: Frame) -> None:
-        try:
-            self._frame(frame)
-        except Exception:
-            # A frame we cannot handle must not end the connection (an
-            # exception out of the wire's read callback closes the socket).
-            log.exception("%s: could not handle %r", self.name, repr(frame)[:200])
-
-    def _frame(self, frame: Frame) -> None:
         if type(frame) is not list:
             if isinstance(frame, rex.ResponseError):
                 self._refused(frame)

@@ -10,9 +10,9 @@ import os
 import random
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from .errors import PayloadError
@@ -77,6 +77,9 @@ def encode_payload(payload: JSONValue, *, topic: str = "", max_bytes: int | None
     return body
 
 
+WIRE_VERSION: Literal[1] = 1
+"""The version of the envelope this library writes (docs/wire-format.md)."""
+
 _new = object.__new__
 _set = object.__setattr__
 
@@ -95,6 +98,12 @@ class Event(BaseModel):
     origin: str = ""
     key: str | None = None
     offset: int | None = None
+    wire_version: Literal[1] = Field(
+        default=WIRE_VERSION, alias="alkpubsub", exclude=True, repr=False
+    )
+    """The wire format version (``"alkpubsub": 1`` in the envelope, see
+    docs/wire-format.md). Reading an envelope of another version fails, so a
+    future format is never misread; an envelope without it is read as version 1."""
 
     @classmethod
     def create(
@@ -125,6 +134,7 @@ class Event(BaseModel):
                 "origin": origin,
                 "key": key,
                 "offset": None,
+                "wire_version": WIRE_VERSION,
             }
         )
         return event, body
@@ -135,6 +145,7 @@ class Event(BaseModel):
         if body is None:
             body = encode_payload(self.payload, topic=self.topic)
         head = {
+            "alkpubsub": WIRE_VERSION,
             "id": self.id,
             "topic": self.topic,
             "headers": self.headers,

@@ -106,7 +106,15 @@ def test_offset_is_not_on_the_wire_and_is_set_by_the_reader() -> None:
     stored = event.with_offset(41)
     on_wire = json.loads(stored.envelope(body))
     assert "offset" not in on_wire
-    assert set(on_wire) == {"id", "topic", "headers", "published_at", "origin", "payload"}
+    assert set(on_wire) == {
+        "alkpubsub",
+        "id",
+        "topic",
+        "headers",
+        "published_at",
+        "origin",
+        "payload",
+    }
     assert Event.from_json(stored.envelope(body)).offset is None
     read = Event.from_json(stored.envelope(body), offset=42)
     assert read.offset == 42

@@ -219,6 +219,8 @@ class Watcher:
             try:
                 if self._router:
                     await self._drain()
+                for reader in list(self._readers):
+                    reader.wake()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the query failed: a disk or file problem
@@ -230,8 +232,6 @@ class Watcher:
                 self._shared.discard_watcher(self)  # the next subscription gets a new one
                 self.fail(error)
                 return
-            for reader in list(self._readers):
-                reader.wake()
 
     async def _drain(self) -> None:
         query = self._db.query
@@ -267,7 +267,10 @@ class Watcher:
                         event = self._decode(row, channel, subs)
                         if event is None:
                             break
-                    sub._push(event)
+                    try:
+                        sub._push(event)
+                    except Exception as exc:  # one subscription's fault is its own
+                        self._unforeseen(row, exc)
             except Exception as exc:
                 self._unforeseen(row, exc)
 

@@ -302,6 +302,36 @@ async def test_a_valid_envelope_with_a_foreign_created_at_is_delivered(url: str)
     await transport.close()
 
 
+class BrokenSubscription(HonkerSubscription):
+    """A subscription with a bug: taking the event "boom" raises."""
+
+    def _push(self, event: Event) -> None:
+        if event.payload == "boom":
+            raise RuntimeError("a bug in a subscription")
+        super()._push(event)
+
+
+async def test_an_unforeseen_error_on_one_row_is_logged_once_and_skipped(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = await alkpubsub.connect(url)
+    assert isinstance(transport, HonkerTransport)
+    broken = BrokenSubscription(transport, "jobs:>")
+    # The broken one is served first, so the healthy one shows nothing was skipped for it.
+    async with broken, transport.subscribe("jobs:>") as healthy:
+        sent = await transport.publish_many([("jobs:a", "boom"), ("jobs:a", 1), ("jobs:a", 2)])
+        sent.append(await transport.publish("jobs:a", "boom"))
+        got = await collect(healthy, 4)
+        # The broken one lost only the rows it raised on; the watcher went on.
+        assert [e.payload for e in await collect(broken, 2)] == [1, 2]
+        await nothing_more(broken)
+        assert transport.store.watcher().errors == 2
+    assert [e.id for e in got] == [e.id for e in sent]
+    logged = [r for r in caplog.records if "raised RuntimeError" in r.getMessage()]
+    assert len(logged) == 1  # once, though it happened twice
+    await transport.close()
+
+
 # -- when the file itself goes away -------------------------------------------------
 
 REPLACEMENT = """

@@ -16,6 +16,7 @@ from test_honker import DEEP, HUGE, Statement, envelope, write_foreign_rows
 import alkpubsub
 from alkpubsub import ConfigError, ConsumerBusy, Event, Settings
 from alkpubsub.conformance import collect, collect_acking, nothing_more
+from alkpubsub.transports._honker_common import envelope_topic
 from alkpubsub.transports.honker_durable import HonkerDurableTransport, from_url
 
 
@@ -269,6 +270,16 @@ async def test_publisher_killed_mid_batch_leaves_only_whole_batches(url: str) ->
 
 
 # -- rows written by other SQLite clients ------------------------------------------
+
+
+def test_readers_find_the_topic_of_our_envelopes_without_parsing_them() -> None:
+    # The fast path that skips other topics' rows; it broke silently once when the
+    # envelope gained its "alkpubsub" version key.
+    event, body = Event.create("jobs:a.b-c_d:e", {"x": 1}, origin="o", key="k")
+    assert envelope_topic(event.envelope(body).decode()) == "jobs:a.b-c_d:e"
+    assert envelope_topic('{"id":"x","topic":"old:format","headers":{}}') == "old:format"
+    assert envelope_topic('{"topic":"not:ours"}') is None
+
 
 APPEND = "INSERT INTO _honker_stream (topic, key, payload) VALUES (?, ?, ?)"
 

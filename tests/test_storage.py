@@ -20,6 +20,7 @@ import alkpubsub
 from alkpubsub import Closed, ConfigError, Event, InvalidTopic, PayloadError, PubSubError
 from alkpubsub.conformance import collect
 from alkpubsub.errors import PublishError
+from alkpubsub.limits import MAX_PAYLOAD_BYTES
 from alkpubsub.storage import Store, Stores, open_store
 from alkpubsub.transports.honker import HonkerTransport
 
@@ -85,6 +86,13 @@ def test_transaction_validates_topics_payloads_and_stream_names(store: Store) ->
             tx.notify("ok", object())
         with pytest.raises(ConfigError, match="stream"):
             tx.publish("ok", 1, stream="no spaces")
+        # The same limits as a transport's publish (alkpubsub.limits).
+        with pytest.raises(PayloadError, match="key"):
+            tx.publish("ok", 1, key="two\nlines")
+        with pytest.raises(PayloadError, match="header"):
+            tx.notify("ok", 1, headers={"bad name": "x"})
+        with pytest.raises(PayloadError, match="bytes"):
+            tx.publish("ok", "x" * (MAX_PAYLOAD_BYTES + 1))
         tx.publish("ok", 1, stream="audit")
     # The refused calls wrote nothing; the good one landed in its own stream.
     assert [e.payload for e in stream_events(store, "audit")] == [1]

@@ -103,9 +103,13 @@ SELECT_ROWS = (
 )
 MAX_OFFSET = "SELECT COALESCE(MAX(offset), 0) AS m FROM _honker_stream WHERE topic = ?"
 
-# alkpubsub writes envelopes as {"id":"...","topic":"...",...}: reading the topic
-# with a regex lets a reader skip rows of other topics without parsing them.
-_ENVELOPE_TOPIC = re.compile(r'\{"id":"[^"\\]*","topic":"([A-Za-z0-9_.:\-]+)"')
+# alkpubsub writes envelopes as {"alkpubsub":1,"id":"...","topic":"...",...} (before
+# wire format v1 without the version): reading the topic with a regex lets a reader
+# skip rows of other topics without parsing them (test_honker_durable checks it
+# matches what Event.envelope writes).
+_ENVELOPE_TOPIC = re.compile(
+    r'\{(?:"alkpubsub":[0-9]+,)?"id":"[^"\\]*","topic":"([A-Za-z0-9_.:\-]+)"'
+)
 
 
 def envelope_topic(text: str) -> str | None:

@@ -170,7 +170,12 @@ class Event(BaseModel):
 
     @classmethod
     def from_json(cls, data: str | bytes, *, offset: int | None = None) -> Event:
-        """Parse a wire envelope; raise :class:`PayloadError` when it is malformed."""
+        """Parse a wire envelope; raise :class:`PayloadError` when it is malformed.
+
+        The payload is held to the publish limits too (:mod:`alkpubsub.limits`):
+        an event another writer put on the wire with NaN, a 70-bit integer or
+        150 levels of nesting is malformed, so whatever is delivered can be
+        published, forwarded or relayed again."""
         try:
             event = cls.model_validate_json(data)
         except ValidationError as exc:
@@ -179,6 +184,7 @@ class Event(BaseModel):
                 f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); "
                 "it was not published through alkpubsub"
             ) from None
+        check_payload(event.payload, topic=event.topic)
         if offset is not None:
             # A fresh instance nobody else holds yet: set the field in place
             # rather than copying the model (model_copy costs ~2.5 us).

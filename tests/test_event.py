@@ -259,3 +259,23 @@ def test_published_at_is_timezone_aware_utc_now() -> None:
     after = datetime.now(UTC)
     assert event.published_at.tzinfo is UTC
     assert before <= event.published_at <= after
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"1e999999",
+        b"1180591620717411303424",
+        b"[" * 150 + b"]" * 150,
+    ],
+    ids=["nan", "inf", "-inf", "overflowing-float", "70-bit-int", "150-deep"],
+)
+def test_envelopes_beyond_the_publish_limits_are_malformed_when_read(payload: bytes) -> None:
+    # Another writer can put these on the wire; delivering them would hand the
+    # application an event that it (or a relay) could not publish again.
+    event, body = Event.create("a:b", 1, origin="o")
+    with pytest.raises(PayloadError):
+        Event.from_json(event.envelope(payload))

@@ -27,6 +27,7 @@ import collections
 from collections.abc import Sequence
 from dataclasses import fields
 
+from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, Forwarding, max_deliveries_of
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings
 from alkpubsub.errors import ConfigError, PublishError, PubSubError
@@ -63,7 +64,7 @@ class CompositeSubscription(Subscription):
         self._pumps: list[asyncio.Task[None]] = []
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         composite = self.transport
         for index, leg in enumerate((composite.local, *composite.targets)):
             sub = leg.subscribe(self.pattern.text, buffer=self.buffer_size)
@@ -82,11 +83,11 @@ class CompositeSubscription(Subscription):
                 self._recent[event.id] = None
                 if len(self._recent) > RECENT_IDS:
                     self._recent.popitem(last=False)
-                self._push(event)
+                self.push(event)
         except PubSubError as exc:
-            self._fail(exc)
+            self.fail(exc)
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         for task in self._pumps:
             task.cancel()
         for sub in self._legs:
@@ -112,12 +113,12 @@ class CompositeTransport(BaseTransport):
         self.capabilities = _combine(local.capabilities, [t.capabilities for t in targets])
         self._durable = next((t for t in targets if t.capabilities.consumer_offsets), None)
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         await self._to_targets([event])
         await _forward(self.local, event)
         return event
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         events = [event for event, _ in batch]
         await self._to_targets(events)
         for event in events:
@@ -138,7 +139,7 @@ class CompositeTransport(BaseTransport):
                 succeeded=ok,
             ) from next(r for _, r in failed if isinstance(r, BaseException))
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         if consumer is not None or start != "new":
@@ -159,18 +160,18 @@ class CompositeTransport(BaseTransport):
     @property
     def max_deliveries(self) -> int:
         """The durable target's dead-letter threshold."""
-        return int(getattr(self._durable, "max_deliveries", 5))
+        limit = max_deliveries_of(self._durable)
+        return DEFAULT_MAX_DELIVERIES if limit is None else limit
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         for leg in (self.local, *self.targets):
             await leg.close()
 
 
 async def _forward(transport: Transport, event: Event) -> None:
-    forward = getattr(transport, "forward", None)
-    if forward is None:
+    if not isinstance(transport, Forwarding):
         raise ConfigError(f"{transport.name} cannot be a composite leg: it has no forward()")
-    await forward(event)
+    await transport.forward(event)
 
 
 async def _forward_all(transport: Transport, events: list[Event]) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import pytest
 
 from alkpubsub import Capabilities, ConfigError, ConsumerBusy, Transport
+from alkpubsub.abilities import max_deliveries_of
 from alkpubsub.topics import dead_letter_topic
 
 from .suite import (
@@ -29,8 +30,11 @@ from .suite import (
 
 
 def max_deliveries(transport: Transport) -> int:
-    """The transport's dead-letter threshold (DESIGN default 5)."""
-    return int(getattr(transport, "max_deliveries", 5))
+    """The transport's dead-letter threshold; a transport that dead-letters
+    must say so through the :class:`~alkpubsub.abilities.DeadLetterPolicy` protocol."""
+    limit = max_deliveries_of(transport)
+    assert limit is not None, f"{transport.name} declares dead_letter but has no max_deliveries"
+    return limit
 
 
 class DurableCases(SuiteFixtures):

@@ -12,8 +12,8 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
+from .abilities import ConsumerStatsSource
 from .config import Settings, redact_url
 from .errors import PubSubError
 from .event import Event
@@ -78,15 +78,14 @@ async def cmd_replay(args: argparse.Namespace) -> int:
 
 async def cmd_stats(args: argparse.Namespace) -> int:
     async with await connect(_settings(args)) as transport:
-        report = getattr(transport, "consumer_stats", None)
-        if report is None:
+        if not isinstance(transport, ConsumerStatsSource):
             print(f"{transport.name}: no named consumers (ephemeral transport)")
             return 0
-        rows: list[dict[str, Any]] = await report()
+        rows = await transport.consumer_stats()
         if not rows:
             print(f"{transport.name}: no consumers yet")
         for row in rows:
-            print("  ".join(f"{k}={v}" for k, v in row.items()))
+            print("  ".join(f"{k}={v}" for k, v in row.as_dict().items()))
     return 0
 
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import entry_points
 from typing import Any, cast
 
+from .abilities import Connectable
 from .config import Settings, parse_url, redact_url
 from .errors import ConfigError
 from .transport import Transport
@@ -86,10 +87,9 @@ async def open_transport(url: str, settings: Settings) -> Transport:
     if inspect.isawaitable(made):
         made = await made
     transport = cast(Transport, made)
-    connect = getattr(transport, "connect", None)
-    if connect is not None:
+    if isinstance(transport, Connectable):
         try:
-            await connect()
+            await transport.connect()
         except BaseException:
             await transport.close()
             raise

@@ -8,243 +8,22 @@ live events, backpressure for durable ones) and its statistics.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from types import TracebackType
-from typing import Any, ClassVar, Literal, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from .capabilities import Capabilities, Start
 from .errors import Closed, ConfigError, PayloadError
 from .event import Event, encode_payload, new_origin
 from .limits import MAX_PAYLOAD_BYTES, check_key
 from .limits import check_headers as check_headers
-from .topics import Pattern, compile_pattern, validate_topic
+from .subscription import DEFAULT_BUFFER as DEFAULT_BUFFER
+from .subscription import Subscription as Subscription
+from .subscription import SubscriptionStats as SubscriptionStats
+from .topics import compile_pattern, validate_topic
 
 log = logging.getLogger("alkpubsub")
-
-DEFAULT_BUFFER = 1024
-
-
-@dataclass(slots=True)
-class SubscriptionStats:
-    """Counters of one subscription. ``lag`` is events known to be waiting
-    (in the buffer, or in the durable log past the consumer), when known."""
-
-    delivered: int = 0
-    acked: int = 0
-    nacked: int = 0
-    dropped: int = 0
-    redelivered: int = 0
-    dead_lettered: int = 0
-    malformed: int = 0
-    reconnects: int = 0
-    lag: int | None = 0
-    offline_ms: int = 0
-    """Milliseconds the subscription was not live after it started (reconnects):
-    ephemeral transports lose what was published then, durable ones deliver it late."""
-
-    def as_dict(self) -> dict[str, int | None]:
-        """A plain dict, for logs and the CLI."""
-        return asdict(self)
-
-
-class Subscription:
-    """An async iterator of events for one pattern.
-
-    Use ``async with transport.subscribe(...) as sub:`` (``__aenter__`` returns
-    once the subscription is live), then ``async for event in sub``. Transports
-    subclass it and fill the buffer with :meth:`_push` (live events; overflow
-    drops the oldest) or :meth:`_put` (durable events; a full buffer pauses the
-    reader instead of losing anything).
-    """
-
-    overflow: ClassVar[Literal["drop_oldest", "pause"]] = "drop_oldest"
-    """What a full buffer does: drop the oldest live event (counted in
-    ``stats.dropped``), or pause reading until there is room (durable readers:
-    nothing is lost). Subclasses that fill the buffer with :meth:`_put` say "pause"."""
-
-    def __init__(
-        self,
-        transport: BaseTransport,
-        pattern: str,
-        *,
-        consumer: str | None = None,
-        start: Start = "new",
-        buffer: int = DEFAULT_BUFFER,
-    ) -> None:
-        self.transport = transport
-        self.pattern: Pattern = compile_pattern(pattern)
-        self.consumer = consumer
-        self.start_at: Start = start
-        self.buffer_size = buffer
-        self.stats = SubscriptionStats()
-        self._buffer: collections.deque[Event] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._space: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self._started = False
-        self._closed = False
-
-    # -- lifecycle ---------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def start(self) -> None:
-        """Make the subscription live. Idempotent; iteration calls it too."""
-        if self._closed:
-            raise Closed(f"subscription to {self.pattern.text!r} is closed; subscribe again")
-        if not self._started:
-            self._started = True
-            try:
-                await self._open()
-            except BaseException:
-                self._closed = True
-                self.transport._forget(self)
-                raise
-
-    async def close(self) -> None:
-        """End iteration. Durable progress (acked events) is kept; unacked
-        events are delivered again to the consumer later."""
-        if self._closed:
-            return
-        self._closed = True
-        self._wake()
-        self._wake_space()
-        self.transport._forget(self)
-        try:
-            await self._shutdown()
-        finally:
-            self._buffer.clear()
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` ran or the transport closed."""
-        return self._closed
-
-    async def _open(self) -> None:
-        """Transport hook: become live (register with the broker, start readers)."""
-
-    async def _shutdown(self) -> None:
-        """Transport hook: stop readers, unregister."""
-
-    # -- iteration ---------------------------------------------------------
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Event:
-        if not self._started:
-            await self.start()
-        while True:
-            if self._buffer:
-                event = self._buffer.popleft()
-                self.stats.delivered += 1
-                if self._space is not None:
-                    self._wake_space()
-                return event
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
-            if self._closed:
-                raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    async def get(self, timeout: float | None = None) -> Event:
-        """The next event, waiting at most ``timeout`` seconds (``TimeoutError``)."""
-        async with asyncio.timeout(timeout):
-            return await self.__anext__()
-
-    # -- acknowledgement (durable transports override) ---------------------
-
-    async def ack(self, event: Event) -> None:
-        """Mark ``event`` processed. A no-op on ephemeral transports."""
-        self.stats.acked += 1
-
-    async def nack(self, event: Event, *, delay: float = 0) -> None:
-        """Ask for ``event`` to be delivered again after ``delay`` seconds.
-        Ephemeral transports cannot redeliver; there it only counts."""
-        self.stats.nacked += 1
-
-    # -- filling the buffer (called by transports on the loop thread) ------
-
-    def _push(self, event: Event) -> None:
-        """Add a live event; when the buffer is full, drop the oldest."""
-        if self._closed:
-            return
-        buf = self._buffer
-        if len(buf) >= self.buffer_size:
-            buf.popleft()
-            self.stats.dropped += 1
-        buf.append(event)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def _put(self, event: Event) -> bool:
-        """Add a durable event, waiting while the buffer is full. False if closed."""
-        while len(self._buffer) >= self.buffer_size and not self._closed:
-            self._space = asyncio.get_running_loop().create_future()
-            try:
-                await self._space
-            finally:
-                self._space = None
-        if self._closed:
-            return False
-        self._buffer.append(event)
-        self._wake()
-        return True
-
-    def _fail(self, error: BaseException) -> None:
-        """Make the iterator raise ``error`` once the buffered events are consumed."""
-        self._error = error
-        self._wake()
-
-    def _finish(self) -> None:
-        """End iteration after the buffered events (transport closed underneath)."""
-        self._closed = True
-        self._wake()
-        self._wake_space()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def _wake_space(self) -> None:
-        space = self._space
-        if space is not None and not space.done():
-            space.set_result(None)
-
-    @property
-    def buffered(self) -> int:
-        """Events waiting in this subscription's buffer."""
-        return len(self._buffer)
-
-    def __repr__(self) -> str:
-        consumer = f" consumer={self.consumer!r}" if self.consumer else ""
-        state = "closed" if self._closed else "live" if self._started else "new"
-        return (
-            f"<{type(self).__name__} {self.pattern.text!r}{consumer} {state} on "
-            f"{self.transport.name}>"
-        )
 
 
 @runtime_checkable
@@ -286,9 +65,12 @@ class Transport(Protocol):
 class BaseTransport:
     """Shared behaviour of the built-in transports: checks, bookkeeping, closing.
 
-    Subclasses set ``name`` and ``capabilities``, implement :meth:`_publish`
-    (one event, with its payload's JSON text), may override :meth:`_publish_batch`,
-    and build their subscriptions in :meth:`_subscription`.
+    The extension contract (public and typed; see ``conformance/README.md``):
+    subclasses set ``name`` and ``capabilities``, implement :meth:`send` (one
+    checked event with its payload's JSON text), may override :meth:`send_batch`,
+    build their subscriptions in :meth:`make_subscription`, release connections
+    in :meth:`disconnect`, and may call :meth:`check_open`, :meth:`forget` and
+    :meth:`report_malformed`. Everything a user passes is checked here first.
     """
 
     name: str = "transport"
@@ -341,7 +123,7 @@ class BaseTransport:
 
         Everything is checked first (topic, payload, headers, key and size; see
         :mod:`alkpubsub.limits`), so nothing is accepted that a reader cannot decode."""
-        self._check_open()
+        self.check_open()
         validate_topic(topic)
         if headers:
             headers = check_headers(headers)
@@ -357,12 +139,12 @@ class BaseTransport:
             key=key,
             max_bytes=self.max_payload_bytes,
         )
-        return await self._publish(event, body)
+        return await self.send(event, body)
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[Event]:
         """Publish ``(topic, payload)`` pairs in order, as one batch where the
         transport can. Every item is validated before any is published."""
-        self._check_open()
+        self.check_open()
         batch: list[tuple[Event, bytes]] = []
         limit = self.max_payload_bytes
         for index, item in enumerate(_iterate(items)):
@@ -376,22 +158,27 @@ class BaseTransport:
             batch.append(Event.create(topic, payload, origin=self.origin, max_bytes=limit))
         if not batch:
             return []
-        return await self._publish_batch(batch)
+        return await self.send_batch(batch)
 
     async def forward(self, event: Event) -> Event:
         """Publish an existing event unchanged (same id and origin): used by the
         composite and the relay so subscribers can deduplicate by id. The event
         is held to this transport's limits like any publish."""
-        self._check_open()
+        self.check_open()
         validate_topic(event.topic)
         body = encode_payload(event.payload, topic=event.topic, max_bytes=self.max_payload_bytes)
-        return await self._publish(event, body)
+        return await self.send(event, body)
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
+        """Transport hook: put one already-checked event on the wire (``body`` is
+        its payload's JSON, for :meth:`Event.envelope`) and return it once the
+        broker accepted it (a durable log's offset set where it has one)."""
         raise NotImplementedError
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
-        return [await self._publish(event, body) for event, body in batch]
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+        """Transport hook: send checked events in order, as one batch where the
+        broker can; the default sends them one by one."""
+        return [await self.send(event, body) for event, body in batch]
 
     # -- subscribing -------------------------------------------------------
 
@@ -405,7 +192,7 @@ class BaseTransport:
     ) -> Subscription:
         """Subscribe to topics matching ``pattern``. The subscription is live
         once ``async with`` enters (or on first iteration)."""
-        self._check_open()
+        self.check_open()
         compile_pattern(pattern)
         caps = self.capabilities
         if not caps.wildcards and ("*" in pattern.split(":") or pattern.endswith(">")):
@@ -436,16 +223,18 @@ class BaseTransport:
                 )
         if not isinstance(buffer, int) or isinstance(buffer, bool) or buffer < 1:
             raise ConfigError(f"buffer={buffer!r} must be a positive int (events)")
-        sub = self._subscription(pattern, consumer=consumer, start=start, buffer=buffer)
+        sub = self.make_subscription(pattern, consumer=consumer, start=start, buffer=buffer)
         self._subscriptions.add(sub)
         return sub
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
+        """Transport hook: a new (not yet started) subscription for checked arguments."""
         raise NotImplementedError
 
-    def _forget(self, sub: Subscription) -> None:
+    def forget(self, sub: Subscription) -> None:
+        """Stop tracking ``sub`` (it closed, or its transport ended it)."""
         self._subscriptions.discard(sub)
 
     @property
@@ -462,17 +251,18 @@ class BaseTransport:
         self._closed = True
         for sub in list(self._subscriptions):
             await sub.close()
-        await self._close()
+        await self.disconnect()
 
-    async def _close(self) -> None:
-        """Transport hook: release connections."""
+    async def disconnect(self) -> None:
+        """Transport hook: release connections (subscriptions are already closed)."""
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._closed
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """Raise :class:`Closed` once the transport is closed."""
         if self._closed:
             raise Closed(f"{self.name} transport is closed; connect again")
 

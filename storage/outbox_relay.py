@@ -14,7 +14,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from alkpubsub.errors import ConfigError, PubSubError
+from alkpubsub.abilities import Forwarding
+from alkpubsub.errors import ConfigError, PayloadError, PubSubError
 from alkpubsub.event import Event
 from alkpubsub.transport import Transport
 
@@ -27,6 +28,9 @@ class RelayStats:
 
     forwarded: int = 0
     retries: int = 0
+    refused: int = 0
+    """Events the target can never take (e.g. over its size limit): nacked at
+    the source, which dead-letters them after its ``max_deliveries``."""
 
 
 class OutboxRelay:
@@ -47,7 +51,7 @@ class OutboxRelay:
                 f"relay source {source.name} is not durable; use a honker+durable:// URL "
                 "so the relay can resume where it stopped"
             )
-        if getattr(target, "forward", None) is None:
+        if not isinstance(target, Forwarding):
             raise ConfigError(f"relay target {target.name} cannot forward events unchanged")
         self.source = source
         self.target = target
@@ -72,16 +76,27 @@ class OutboxRelay:
                     event = await sub.get(timeout=0.5)
                 except TimeoutError:
                     continue
-                await self._forward(event)
-                await sub.ack(event)
-                self.stats.forwarded += 1
+                if await self._forward(event):
+                    await sub.ack(event)
+                    self.stats.forwarded += 1
+                else:
+                    await sub.nack(event)
 
-    async def _forward(self, event: Event) -> None:
-        forward = getattr(self.target, "forward")  # noqa: B009 - checked in __init__
+    async def _forward(self, event: Event) -> bool:
+        """Forward ``event``; False when the target can never take it."""
+        target = self.target
+        assert isinstance(target, Forwarding)  # checked in __init__
         while True:
             try:
-                await forward(event.with_offset(None))
-                return
+                await target.forward(event.with_offset(None))
+                return True
+            except PayloadError as exc:
+                # Too large (or otherwise unfit) for the target: retrying cannot
+                # help, and would hold every later event back. Refuse it at the
+                # source, which dead-letters it after max_deliveries: kept, visible.
+                self.stats.refused += 1
+                log.error("relay: %s refused %s for good (%s)", target.name, event.id, exc)
+                return False
             except PubSubError as exc:
                 # The event stays unacked at the source; keep trying, in order.
                 self.stats.retries += 1

@@ -67,11 +67,11 @@ class Listener(Protocol):
     @property
     def pattern(self) -> Pattern: ...
 
-    def _push(self, event: Event) -> None: ...
+    def push(self, event: Event) -> None: ...
 
     def _malformed(self, detail: str) -> None: ...
 
-    def _fail(self, error: BaseException) -> None: ...
+    def fail(self, error: BaseException) -> None: ...
 
 
 class Reader(Protocol):
@@ -79,7 +79,7 @@ class Reader(Protocol):
 
     def wake(self) -> None: ...
 
-    def _fail(self, error: BaseException) -> None: ...
+    def fail(self, error: BaseException) -> None: ...
 
 
 class Watcher:
@@ -178,9 +178,9 @@ class Watcher:
         """Stop, and make every subscription fed by this watcher raise ``error`` (on its loop)."""
         self.stop()
         for listener in list(self._listeners):
-            listener._fail(error)
+            listener.fail(error)
         for reader in list(self._readers):
-            reader._fail(error)
+            reader.fail(error)
 
     # -- the loop ----------------------------------------------------------
 
@@ -268,7 +268,7 @@ class Watcher:
                         if event is None:
                             break
                     try:
-                        sub._push(event)
+                        sub.push(event)
                     except Exception as exc:  # one subscription's fault is its own
                         self._unforeseen(row, exc)
             except Exception as exc:

@@ -26,7 +26,7 @@ class LoopbackTransport(BaseTransport):
         self.peers = peers  # every transport on this "broker"
         peers.append(self)
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         wire = event.envelope(body)
         asyncio.get_running_loop().call_soon(self._deliver, wire)
         return event
@@ -34,10 +34,10 @@ class LoopbackTransport(BaseTransport):
     def _deliver(self, wire: bytes) -> None:
         event = Event.from_json(wire)
         for sub in [s for peer in self.peers for s in peer.subscriptions]:
-            if sub._started and sub.pattern.matches(event.topic):
-                sub._push(event)
+            if sub.started and sub.pattern.matches(event.topic):
+                sub.push(event)
 
-    def _subscription(self, pattern: str, **options: object) -> Subscription:
+    def make_subscription(self, pattern: str, **options: object) -> Subscription:
         return Subscription(self, pattern, **options)  # type: ignore[arg-type]
 
 

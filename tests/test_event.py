@@ -276,6 +276,6 @@ def test_published_at_is_timezone_aware_utc_now() -> None:
 def test_envelopes_beyond_the_publish_limits_are_malformed_when_read(payload: bytes) -> None:
     # Another writer can put these on the wire; delivering them would hand the
     # application an event that it (or a relay) could not publish again.
-    event, body = Event.create("a:b", 1, origin="o")
+    event, _ = Event.create("a:b", 1, origin="o")
     with pytest.raises(PayloadError):
         Event.from_json(event.envelope(payload))

@@ -305,10 +305,10 @@ async def test_a_valid_envelope_with_a_foreign_created_at_is_delivered(url: str)
 class BrokenSubscription(HonkerSubscription):
     """A subscription with a bug: taking the event "boom" raises."""
 
-    def _push(self, event: Event) -> None:
+    def push(self, event: Event) -> None:
         if event.payload == "boom":
             raise RuntimeError("a bug in a subscription")
-        super()._push(event)
+        super().push(event)
 
 
 async def test_an_unforeseen_error_on_one_row_is_logged_once_and_skipped(

@@ -17,6 +17,7 @@ from nats_garbage import send_raw, until_malformed, wait_stored, write_garbage
 
 import alkpubsub
 from alkpubsub import ConfigError
+from alkpubsub.abilities import ConsumerStatsSource
 from alkpubsub.conformance import collect, collect_acking, nothing_more, unique
 from alkpubsub.transports.nats_durable import NatsDurableTransport, from_url
 
@@ -308,9 +309,10 @@ async def test_consumer_stats_report_offset_and_lag(nats_server_session: NatsSer
         for i in range(5):
             await transport.publish(f"orders:{i}", i)
         await collect_acking(sub, 3)
-        stats = await transport.consumer_stats()  # type: ignore[attr-defined]
+        assert isinstance(transport, ConsumerStatsSource)
+        stats = await transport.consumer_stats()
     await transport.close()
     [row] = stats
-    assert row["consumer"] == "billing"
-    assert row["offset"] >= 3
-    assert row["lag"] + row["offset"] == 5
+    assert row.consumer == "billing"
+    assert row.offset >= 3
+    assert row.lag is not None and row.lag + row.offset == 5

@@ -84,7 +84,7 @@ class PullSubscription(Subscription):
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         conn = self.transport._conn
         with conn.translate(f"opening consumer {self.consumer_name!r}"):
             await self.ensure_consumer()
@@ -92,7 +92,7 @@ class PullSubscription(Subscription):
             self._inbox = await conn.nc.subscribe(self._reply + ".*", cb=self._on_message)
         self._task = asyncio.create_task(self._pull_loop(), name=f"alkpubsub pull {self!r}")
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         await self._stop_loop()
         nc = self.transport._conn.client
         inbox, self._inbox = self._inbox, None
@@ -135,8 +135,8 @@ class PullSubscription(Subscription):
 
     def lost(self, error: ConnectionLost) -> None:
         """No server for ``reconnect_timeout``: end with ``error``."""
-        self._fail(error)
-        self._finish()
+        self.fail(error)
+        self.finish()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -318,6 +318,6 @@ class PullSubscription(Subscription):
             self._unacked.pop(seq, None)
             self._unacked[seq] = (msg, asyncio.get_running_loop().time())
         self.stats.lag = meta.num_pending + len(self._buffer) + 1
-        if not await self._put(event) and self.durable:
+        if not await self.put(event) and self.durable:
             self._unacked.pop(seq, None)
             await msg.nak()

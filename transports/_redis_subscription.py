@@ -94,7 +94,7 @@ class RedisStreamSubscription(Subscription):
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         try:
             await self.group.join(start_id(self.start_at))
         except CONNECTION_ERRORS as exc:
@@ -110,18 +110,18 @@ class RedisStreamSubscription(Subscription):
             return
         error = task.exception()
         log.error("%s: %s failed", self.transport.name, task.get_name(), exc_info=error)
-        self._fail(error)  # type: ignore[arg-type]
+        self.fail(error)  # type: ignore[arg-type]
         self._end()
 
     def _end(self) -> None:
         """Stop delivering after a failure: the iterator ends after raising it."""
-        self._finish()
-        self.transport._forget(self)
+        self.finish()
+        self.transport.forget(self)
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         self._claim_wake.set()
         self._keep_wake.set()
         await stop_tasks(self._tasks)
@@ -153,7 +153,7 @@ class RedisStreamSubscription(Subscription):
             log.warning("%s: connection lost (%s); retrying", self.transport.name, error)
         if backoff.failed():
             return True
-        self._fail(
+        self.fail(
             ConnectionLost(
                 f"{self.transport.name} was unreachable for more than "
                 f"{self.transport.options.reconnect_timeout:g} s; subscribe again later"
@@ -232,7 +232,7 @@ class RedisStreamSubscription(Subscription):
             self.stats.redelivered += 1
         self._held[offset] = held
         async with self._put_lock:
-            return await self._put(event)
+            return await self.put(event)
 
     async def _bury(
         self,

@@ -55,12 +55,12 @@ class HonkerSubscription(Subscription):
     after_id: int = 0
     _watcher: Watcher | None = None
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         store = await self.transport._holder.get()
         self._watcher = store.watcher()
         self._watcher.add_listener(self)
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         if self._watcher is not None:
             self._watcher.remove_listener(self)
             self._watcher = None
@@ -89,7 +89,7 @@ class HonkerTransport(BaseTransport):
 
     async def connect(self) -> None:
         """Open the database file (shared with every transport on it in this process)."""
-        self._check_open()
+        self.check_open()
         await self._holder.get()
 
     @property
@@ -98,22 +98,22 @@ class HonkerTransport(BaseTransport):
         with this transport's origin."""
         return self._holder.store or self._holder.open_now()
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         store = self._holder.store or await self._holder.get()
         await store.notify_many([(event.topic, event.envelope(body).decode())])
         return event
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         store = self._holder.store or await self._holder.get()
         await store.notify_many([(e.topic, e.envelope(b).decode()) for e, b in batch])
         return [event for event, _ in batch]
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         return HonkerSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         self._holder.close()
 
 

@@ -63,6 +63,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from alkpubsub.abilities import ConsumerStat
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
 from alkpubsub.errors import ConnectionLost, ConsumerBusy, PubSubError
@@ -125,7 +126,7 @@ class HonkerDurableSubscription(Subscription):
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         transport = self.transport
         store = self._store = await transport._holder.get()
         if self.consumer is not None:
@@ -146,7 +147,7 @@ class HonkerDurableSubscription(Subscription):
         if self._lease is not None:
             self._tasks.append(loop.create_task(self._keep_lease(), name=f"alkpubsub-lease:{self}"))
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         for task in self._tasks:
             task.cancel()
         for handle in self._timers.values():
@@ -180,7 +181,7 @@ class HonkerDurableSubscription(Subscription):
             raise
         except Exception as exc:
             log.error("%s: reader stopped: %s", self, exc)
-            self._fail(ConnectionLost(f"{self!r} stopped reading: {exc}"))
+            self.fail(ConnectionLost(f"{self!r} stopped reading: {exc}"))
 
     async def _read(self) -> None:
         assert self._store is not None
@@ -193,7 +194,7 @@ class HonkerDurableSubscription(Subscription):
         while not self._closed:
             if self._ready:
                 self.stats.redelivered += 1
-                if not await self._put(self._ready.popleft()):
+                if not await self.put(self._ready.popleft()):
                     return
                 continue
             signal.clear()
@@ -228,7 +229,7 @@ class HonkerDurableSubscription(Subscription):
                 if track:
                     self._order.append(offset)
                     self._acked[offset] = False
-                if not await self._put(event):
+                if not await self.put(event):
                     return
             if len(rows) < limit:
                 # That was everything committed before the query; a later commit
@@ -334,7 +335,7 @@ class HonkerDurableSubscription(Subscription):
                 log.warning("%s: could not renew the consumer lease: %s", self, exc)
                 continue
             if not held:
-                self._fail(
+                self.fail(
                     ConsumerBusy(
                         f"consumer {self.consumer!r} lost its lease (not renewed within "
                         f"{lease.ttl} s, and another subscription took the name); subscribe again"
@@ -382,7 +383,7 @@ class HonkerDurableTransport(BaseTransport):
 
     async def connect(self) -> None:
         """Open the database file (shared with every transport on it in this process)."""
-        self._check_open()
+        self.check_open()
         await self._holder.get()
 
     @property
@@ -391,12 +392,12 @@ class HonkerDurableTransport(BaseTransport):
         writes this stream with this transport's origin."""
         return self._holder.store or self._holder.open_now()
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         store = self._holder.store or await self._holder.get()
         [offset] = await store.append(self.stream, [(event.key, event.envelope(body).decode())])
         return event.with_offset(offset)
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         store = self._holder.store or await self._holder.get()
         rows = [(event.key, event.envelope(body).decode()) for event, body in batch]
         offsets = await store.append(self.stream, rows)
@@ -411,14 +412,14 @@ class HonkerDurableTransport(BaseTransport):
         [dead_offset] = await store.append(self.stream, [(None, text)])
         return event.with_offset(dead_offset)
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         return HonkerDurableSubscription(
             self, pattern, consumer=consumer, start=start, buffer=buffer
         )
 
-    async def consumer_stats(self) -> list[dict[str, Any]]:
+    async def consumer_stats(self) -> list[ConsumerStat]:
         """Each durable consumer of this stream: saved offset and lag (rows behind
         the newest event, other topics included). Used by ``alkpubsub stats``."""
         store = self._holder.store or await self._holder.get()
@@ -426,11 +427,11 @@ class HonkerDurableTransport(BaseTransport):
             lambda: (store.consumer_offsets(self.stream), store.stream_head(self.stream))
         )
         return [
-            {"consumer": name, "offset": offset, "lag": max(head - offset, 0)}
+            ConsumerStat(consumer=name, offset=offset, lag=max(head - offset, 0))
             for name, offset in offsets.items()
         ]
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         self._holder.close()
 
 

@@ -55,10 +55,10 @@ class InProcessSubscription(Subscription):
 
     transport: InProcessTransport
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         self.transport._bus.router.add(self)
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         self.transport._bus.router.remove(self)
 
 
@@ -72,24 +72,24 @@ class InProcessTransport(BaseTransport):
         self.name = f"memory://{name}" if name else "memory://"
         self._bus = _attach(name)
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         for sub in self._bus.router.match(event.topic):
-            sub._push(event)
+            sub.push(event)
         return event
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         match = self._bus.router.match
         for event, _ in batch:
             for sub in match(event.topic):
-                sub._push(event)
+                sub.push(event)
         return [event for event, _ in batch]
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         return InProcessSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         _detach(self._bus)
 
 

@@ -74,10 +74,10 @@ class NatsSubscription(Subscription):
 
     transport: NatsTransport
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         await self.transport._attach(self)
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         await self.transport._detach(self)
 
 
@@ -120,7 +120,7 @@ class NatsTransport(BaseTransport):
 
     async def connect(self) -> None:
         """Connect to the server (idempotent)."""
-        self._check_open()
+        self.check_open()
         await self._conn.open()
         self.max_payload_bytes = self._conn.payload_limit(nats_headers=0)
 
@@ -130,11 +130,11 @@ class NatsTransport(BaseTransport):
 
     # -- publishing --------------------------------------------------------
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         await self._send(self.subject(event.topic), event.envelope(body))
         return event
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         for event, body in batch:
             await self._send(self.subject(event.topic), event.envelope(body))
         return [event for event, _ in batch]
@@ -169,7 +169,7 @@ class NatsTransport(BaseTransport):
 
     # -- subscribing -------------------------------------------------------
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         return NatsSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
@@ -235,7 +235,7 @@ class NatsTransport(BaseTransport):
             if not matches(event.topic):
                 return
             for sub in group.subs:
-                sub._push(event)
+                sub.push(event)
 
         return on_message
 
@@ -256,12 +256,12 @@ class NatsTransport(BaseTransport):
     def _lost(self, error: ConnectionLost) -> None:
         self._lost_error = error
         for sub in list(self._subscriptions):
-            sub._fail(error)
-            sub._finish()
+            sub.fail(error)
+            sub.finish()
 
     # -- closing -----------------------------------------------------------
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         await self._conn.close()
 
 

@@ -71,6 +71,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
+from alkpubsub.abilities import ConsumerStat
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import ParsedUrl, Settings, parse_options, parse_url
 from alkpubsub.errors import ConfigError, ConnectionLost, InvalidTopic, PayloadError, PublishError
@@ -164,13 +165,13 @@ class NatsDurableTransport(BaseTransport):
                 options.duplicate_window,
             ),
             js=lambda: self.js,
-            check_open=self._check_open,
+            check_open=self.check_open,
             recreate_stream=lambda: self._try(self.ensure_stream),
         )  # fmt: skip
 
     async def connect(self) -> None:
         """Connect and create or bind the stream (idempotent)."""
-        self._check_open()
+        self.check_open()
         if self._js is not None:
             return
         await self._conn.open()
@@ -241,11 +242,11 @@ class NatsDurableTransport(BaseTransport):
 
     # -- publishing ----------------------------------------------------------
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         ack = await self._writer.store(self.subject(event.topic), event.envelope(body), event.id)
         return event.with_offset(ack.seq)
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         items = [(self.subject(e.topic), e.envelope(b), e.id) for e, b in batch]
         seqs = await self._writer.store_many(items)
         return [event.with_offset(seq) for (event, _), seq in zip(batch, seqs, strict=True)]
@@ -307,7 +308,7 @@ class NatsDurableTransport(BaseTransport):
 
     # -- subscribing -----------------------------------------------------------
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         return PullSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
@@ -337,24 +338,24 @@ class NatsDurableTransport(BaseTransport):
             if isinstance(sub, PullSubscription):
                 sub.lost(error)
 
-    async def consumer_stats(self) -> list[dict[str, object]]:
+    async def consumer_stats(self) -> list[ConsumerStat]:
         """Each durable consumer of the stream as the server reports it: the last
         stream sequence delivered, events not yet delivered (lag) and deliveries
         awaiting an ack. Used by ``alkpubsub stats``."""
         with self._conn.translate(f"listing consumers of {self.stream!r}"):
             infos = await self.js.consumers_info(self.stream)
         return [
-            {
-                "consumer": info.config.durable_name,
-                "offset": info.delivered.stream_seq if info.delivered else 0,
-                "lag": info.num_pending or 0,
-                "unacked": info.num_ack_pending or 0,
-            }
+            ConsumerStat(
+                consumer=info.config.durable_name,
+                offset=info.delivered.stream_seq if info.delivered else 0,
+                lag=info.num_pending or 0,
+                unacked=info.num_ack_pending or 0,
+            )
             for info in infos
             if info.config.durable_name
         ]
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         await self._conn.close()
 
 

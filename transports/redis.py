@@ -101,10 +101,10 @@ class RedisSubscription(Subscription):
 
     transport: RedisTransport
 
-    async def _open(self) -> None:
+    async def on_start(self) -> None:
         await self.transport._attach(self)
 
-    async def _shutdown(self) -> None:
+    async def on_close(self) -> None:
         self.transport._detach(self)
 
 
@@ -149,7 +149,7 @@ class RedisTransport(BaseTransport):
     # Commands go out as bytes through execute_command: redis-py's publish()
     # wrapper and its str encoding cost ~1 us per event in a pipeline of 500.
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         try:
             await self._client.execute_command(  # type: ignore[no-untyped-call]
                 b"PUBLISH", self._prefix + event.topic.encode(), event.envelope(body)
@@ -158,7 +158,7 @@ class RedisTransport(BaseTransport):
             raise translate(exc, self.target, f"publishing to {event.topic!r}") from None
         return event
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         pipe = self._client.pipeline(transaction=False)
         command, prefix = pipe.execute_command, self._prefix
         for event, body in batch:
@@ -171,7 +171,7 @@ class RedisTransport(BaseTransport):
 
     # -- subscribing -------------------------------------------------------
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         return RedisSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
@@ -295,7 +295,7 @@ class RedisTransport(BaseTransport):
                 self.report_malformed(sub, "envelope", f"on channel {topic!r}: {exc}")
             return
         for sub in subs:
-            sub._push(event)
+            sub.push(event)
 
     def _refused(self, error: rex.ResponseError) -> None:
         """An error reply: a (P)SUBSCRIBE was refused (ACL). Fail those entering."""
@@ -401,9 +401,9 @@ class RedisTransport(BaseTransport):
             if wait is not None and wait.entered is not None and not wait.entered.done():
                 wait.entered.set_exception(failure)  # its __aenter__ raises
                 continue
-            sub._fail(failure)
-            sub._finish()
-            self._forget(sub)
+            sub.fail(failure)
+            sub.finish()
+            self.forget(sub)
         self._attached.clear()
         self._outage = None
         self._router = Router()
@@ -413,7 +413,7 @@ class RedisTransport(BaseTransport):
 
     # -- closing -----------------------------------------------------------
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         if self._keeper is not None:
             await stop_tasks([self._keeper])
             self._keeper = None

@@ -66,6 +66,7 @@ from typing import Any
 from pydantic import Field
 from redis import exceptions as rex
 
+from alkpubsub.abilities import ConsumerStat
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
 from alkpubsub.event import Event
@@ -158,7 +159,7 @@ class RedisDurableTransport(BaseTransport):
         writes, without its argument handling and str encoding (~1 us an event)."""
         return (*self._xadd_head, event.topic.encode(), b"event", event.envelope(body))
 
-    async def _publish(self, event: Event, body: bytes) -> Event:
+    async def send(self, event: Event, body: bytes) -> Event:
         try:
             command = self._client.execute_command
             entry_id = await command(*self._xadd(event, body))  # type: ignore[no-untyped-call]
@@ -166,7 +167,7 @@ class RedisDurableTransport(BaseTransport):
             raise translate(exc, self.target, f"publishing to {event.topic!r}") from None
         return event.with_offset(id_to_offset(entry_id))
 
-    async def _publish_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         pipe = self._client.pipeline(transaction=False)
         command, xadd = pipe.execute_command, self._xadd
         for event, body in batch:
@@ -177,12 +178,12 @@ class RedisDurableTransport(BaseTransport):
             raise translate(exc, self.target, f"publishing {len(batch)} events") from None
         return [e.with_offset(id_to_offset(i)) for (e, _), i in zip(batch, ids, strict=True)]
 
-    def _subscription(
+    def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
         return RedisStreamSubscription(self, pattern, consumer=consumer, start=start, buffer=buffer)
 
-    async def consumer_stats(self) -> list[dict[str, object]]:
+    async def consumer_stats(self) -> list[ConsumerStat]:
         """Each named consumer (group) of the stream as Redis reports it: the
         offset last delivered, entries not yet delivered (lag, when Redis knows)
         and deliveries awaiting an ack. Used by ``alkpubsub stats``."""
@@ -192,22 +193,22 @@ class RedisDurableTransport(BaseTransport):
             raise translate(exc, self.target, f"listing groups of {self.stream!r}") from None
         except rex.ResponseError:
             return []  # no stream yet
-        rows: list[dict[str, object]] = []
+        rows: list[ConsumerStat] = []
         for group in groups:
             name = group["name"].decode()
             if name.startswith("alk.anon-"):
                 continue
             rows.append(
-                {
-                    "consumer": name,
-                    "offset": id_to_offset(group["last-delivered-id"]),
-                    "lag": group.get("lag"),
-                    "unacked": group["pending"],
-                }
+                ConsumerStat(
+                    consumer=name,
+                    offset=id_to_offset(group["last-delivered-id"]),
+                    lag=group.get("lag"),
+                    unacked=group["pending"],
+                )
             )
         return rows
 
-    async def _close(self) -> None:
+    async def disconnect(self) -> None:
         await close_client(self._io)
         await close_client(self._client)
 

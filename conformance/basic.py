@@ -269,6 +269,15 @@ class BasicCases(SuiteFixtures):
             await transport.publish(bad, {})  # type: ignore[arg-type]
         assert repr(bad)[:20] in str(info.value) or type(bad).__name__ in str(info.value)
 
+    async def test_publishing_to_the_dead_letter_namespace_is_refused(
+        self, transport: Transport
+    ) -> None:
+        for topic in ("dead", f"dead:{unique()}"):
+            with pytest.raises(InvalidTopic, match="reserved"):
+                await transport.publish(topic, 1)
+            with pytest.raises(InvalidTopic, match="reserved"):
+                await transport.publish_many([(topic, 1)])
+
     @pytest.mark.parametrize("bad", BAD_PATTERNS, ids=repr)
     def test_bad_pattern_is_refused(self, transport: Transport, bad: object) -> None:
         with pytest.raises(InvalidTopic):

@@ -18,6 +18,7 @@ from alkpubsub.abilities import max_deliveries_of
 from alkpubsub.topics import dead_letter_topic
 
 from .suite import (
+    QUIET,
     RECEIVE_TIMEOUT,
     SuiteFixtures,
     TransportFactory,
@@ -127,10 +128,47 @@ class DurableCases(SuiteFixtures):
         [buried] = await collect(dead, 1, timeout=RECEIVE_TIMEOUT * 2)
         await dead.ack(buried)
         await dead.close()
-        assert buried.topic == dead_letter_topic(topic)
+        assert buried.topic == dead_letter_topic(topic) == f"dead:{topic}"
         assert buried.payload == {"poison": True}
-        assert any(poison.id in v for v in buried.headers.values()), buried.headers
-        assert any(str(limit) == v for v in buried.headers.values()), buried.headers
+        # The same headers on every transport (alkpubsub.deadletter).
+        assert buried.headers["x-original-id"] == poison.id
+        assert buried.headers["x-original-topic"] == topic
+        assert buried.headers["x-deliveries"] == str(limit)
+        assert buried.headers["x-dead-kind"] == "event"
+        assert buried.headers["x-consumer"] == consumer
+        assert buried.headers["x-dead-reason"]
+
+    async def test_a_handler_that_always_fails_leaves_one_dead_letter_per_event(
+        self, transport: Transport, caps: Capabilities
+    ) -> None:
+        # The README's own shape: a consumer on 'orders:>' whose handler fails.
+        # Its dead letters must not come back to it, nor be dead-lettered again.
+        require(caps, "dead_letter")
+        base, consumer = unique("orders"), unique("c")
+        limit = max_deliveries(transport)
+        async with (
+            transport.subscribe(f"{base}:>", consumer=consumer) as sub,
+            transport.subscribe(f"dead:{base}:>", consumer=unique("ops")) as dead,
+        ):
+            sent = [await transport.publish(f"{base}:e{i}", i) for i in range(3)]
+            deliveries = 0
+            while True:
+                try:
+                    event = await sub.get(timeout=QUIET * 5)
+                except TimeoutError:
+                    break
+                assert not event.topic.startswith("dead:"), "a consumer got its dead letter"
+                deliveries += 1
+                assert deliveries <= 3 * limit, f"{deliveries} deliveries for 3 events"
+                await sub.nack(event, reason="handler failed: boom")
+            assert deliveries == 3 * limit
+            buried = await collect(dead, 3, timeout=RECEIVE_TIMEOUT * 2)
+            for letter in buried:
+                await dead.ack(letter)
+            await nothing_more(dead, QUIET * 3)
+        assert sorted(b.headers["x-original-id"] for b in buried) == sorted(e.id for e in sent)
+        assert {b.topic for b in buried} == {f"dead:{e.topic}" for e in sent}
+        assert all("boom" in b.headers["x-dead-reason"] for b in buried)
 
     async def test_start_earliest_new_and_offset(
         self, transport: Transport, caps: Capabilities

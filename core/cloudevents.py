@@ -98,8 +98,11 @@ def to_binary(event: Event, body: bytes | None = None) -> tuple[dict[str, str], 
     return headers, body
 
 
-def from_structured(data: str | bytes, *, offset: int | None = None) -> Event:
-    """Parse a structured-mode CloudEvent, or raise :class:`PayloadError`."""
+def from_structured(
+    data: str | bytes, *, offset: int | None = None, topic: str | None = None
+) -> Event:
+    """Parse a structured-mode CloudEvent, or raise :class:`PayloadError`.
+    ``topic`` is the topic it arrived on (see :func:`from_binary`)."""
     try:
         obj = from_json(data)
     except ValueError as exc:
@@ -111,12 +114,24 @@ def from_structured(data: str | bytes, *, offset: int | None = None) -> Event:
         obj.setdefault("ce-data-encoding", "base64")
     else:
         payload = obj.pop("data", None)
-    return _event(obj, payload, offset)
+    return _event(obj, payload, offset, topic)
 
 
-def from_binary(headers: Mapping[str, str], body: bytes, *, offset: int | None = None) -> Event:
+def from_binary(
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    offset: int | None = None,
+    topic: str | None = None,
+) -> Event:
     """Parse binary mode: ``ce-*`` headers (any case; ``ce_`` as Kafka and
-    Redis fields write it) and the body, or raise :class:`PayloadError`."""
+    Redis fields write it) and the body, or raise :class:`PayloadError`.
+
+    ``topic``, the topic of the channel or subject the message arrived on, is
+    the event's topic: a ``topic`` extension that names another one is a
+    spoof (:class:`PayloadError`), and a ``type`` other than the topic is kept
+    in the ``ce-type`` header. Without it the topic is the ``topic``
+    extension, else the ``type``."""
     attrs: dict[str, Any] = {}
     content_type = CONTENT_TYPE
     for name, value in headers.items():
@@ -139,10 +154,10 @@ def from_binary(headers: Mapping[str, str], body: bytes, *, offset: int | None =
         except UnicodeDecodeError:
             payload = base64.b64encode(body).decode()
             attrs["ce-data-encoding"] = "base64"
-    return _event(attrs, payload, offset)
+    return _event(attrs, payload, offset, topic)
 
 
-def _event(attrs: dict[str, Any], payload: Any, offset: int | None) -> Event:
+def _event(attrs: dict[str, Any], payload: Any, offset: int | None, arrived: str | None) -> Event:
     missing = [a for a in ("id", "source", "specversion", "type") if not attrs.get(a)]
     if missing:
         raise PayloadError(f"not a CloudEvent: required attribute {missing[0]!r} is missing")
@@ -155,8 +170,18 @@ def _event(attrs: dict[str, Any], payload: Any, offset: int | None) -> Event:
             raise PayloadError(f"CloudEvent attribute {name!r} must be a string")
     source: str = attrs["source"]
     origin = source[len(SOURCE_PREFIX) :] if source.startswith(SOURCE_PREFIX) else source
-    topic = attrs.get("topic") or attrs["type"]
     headers: dict[str, str] = {}
+    named = attrs.get("topic")
+    if arrived is None:
+        topic = named or attrs["type"]
+    else:
+        if named and named != arrived:
+            raise PayloadError(
+                f"CloudEvent {attrs['id']!r} names topic {named!r} but arrived on {arrived!r}"
+            )
+        topic = arrived
+        if attrs["type"] != arrived:
+            headers["ce-type"] = attrs["type"]
     extra = attrs.get("alkheaders")
     if isinstance(extra, str):
         try:

@@ -192,9 +192,11 @@ class Subscription:
         """Mark ``event`` processed. A no-op on ephemeral transports."""
         self.stats.acked += 1
 
-    async def nack(self, event: Event, *, delay: float = 0) -> None:
+    async def nack(self, event: Event, *, delay: float = 0, reason: str | None = None) -> None:
         """Ask for ``event`` to be delivered again after ``delay`` seconds.
-        Ephemeral transports cannot redeliver; there it only counts."""
+        ``reason`` says why; once the event has used up ``max_deliveries`` it
+        is the dead letter's ``x-dead-reason``. Ephemeral transports cannot
+        redeliver; there it only counts."""
         self.stats.nacked += 1
 
     # -- filling the buffer: called by transports, on the event loop's thread --

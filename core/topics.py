@@ -16,6 +16,11 @@ from .errors import InvalidTopic
 
 SEPARATOR = ":"
 MAX_TOPIC_LENGTH = 512
+DEAD = "dead"
+"""The reserved first segment of dead letters: ``dead:<original topic>``."""
+DEAD_PREFIX = DEAD + SEPARATOR
+MAX_DEAD_TOPIC_LENGTH = len(DEAD_PREFIX) + MAX_TOPIC_LENGTH
+"""A dead letter's topic may be longer than a publisher's, by its prefix."""
 MAX_SEGMENT_LENGTH = 128
 _SEGMENT = re.compile(r"[A-Za-z0-9_.\-]{1,128}\Z")
 
@@ -42,16 +47,35 @@ def _check_segment(text: str, segment: str, index: int, kind: str) -> None:
 def _check_text(text: object, kind: str) -> str:
     if not isinstance(text, str):
         raise InvalidTopic(f"{kind} must be a str, got {type(text).__name__}: {text!r}")
-    if len(text) > MAX_TOPIC_LENGTH:
+    limit = MAX_DEAD_TOPIC_LENGTH if text.startswith(DEAD_PREFIX) else MAX_TOPIC_LENGTH
+    if len(text) > limit:
         raise InvalidTopic(
-            f"{kind} {text[:40]!r}... is {len(text)} characters; the limit is {MAX_TOPIC_LENGTH}"
+            f"{kind} {text[:40]!r}... is {len(text)} characters; the limit is {limit}"
         )
     return text
 
 
 def validate_topic(topic: str) -> str:
-    """Return ``topic`` unchanged, or raise :class:`InvalidTopic` naming the rule it breaks."""
+    """Return ``topic`` unchanged, or raise :class:`InvalidTopic` naming the rule it
+    breaks. Dead-letter topics (``dead:...``) are valid here: readers see them."""
     return _validate_topic(_check_text(topic, "topic"))
+
+
+def validate_publish_topic(topic: str) -> str:
+    """Like :func:`validate_topic`, and refuse the reserved first segment ``dead``:
+    only a durable transport writes dead letters."""
+    _validate_topic(_check_text(topic, "topic"))
+    if is_dead_letter(topic):
+        raise InvalidTopic(
+            f"topic {topic[:60]!r}: the first segment {DEAD!r} is reserved for dead letters; "
+            "publish under another name"
+        )
+    return topic
+
+
+def is_dead_letter(topic: str) -> bool:
+    """True for a dead letter's topic (first segment ``dead``)."""
+    return topic == DEAD or topic.startswith(DEAD_PREFIX)
 
 
 @lru_cache(maxsize=65536)
@@ -73,7 +97,7 @@ class Pattern:
     ``Pattern("call:>").matches("call:req-1:done")`` is True.
     """
 
-    __slots__ = ("exact", "literal_prefix", "segments", "tail", "text")
+    __slots__ = ("exact", "literal_prefix", "sees_dead", "segments", "tail", "text")
 
     def __init__(self, text: str) -> None:
         _check_text(text, "pattern")
@@ -90,6 +114,9 @@ class Pattern:
                 continue
             _check_segment(text, segment, i, "pattern")
         self.text = text
+        #: Only a pattern naming ``dead`` literally first matches dead letters,
+        #: so ``orders:>`` or ``>`` never receive them (nor loop on them).
+        self.sees_dead = segments[0] == DEAD
         self.tail = segments[-1] == ">"
         self.segments = tuple(segments[:-1] if self.tail else segments)
         self.exact = not self.tail and "*" not in self.segments
@@ -105,6 +132,8 @@ class Pattern:
         """True when ``topic`` (already a valid topic) is matched by this pattern."""
         if self.exact:
             return topic == self.text
+        if not self.sees_dead and (topic == DEAD or topic.startswith(DEAD_PREFIX)):
+            return False
         parts = topic.split(SEPARATOR)
         n = len(self.segments)
         if self.tail:
@@ -143,5 +172,6 @@ def matches(pattern: str, topic: str) -> bool:
 
 
 def dead_letter_topic(topic: str) -> str:
-    """The dead-letter topic for events of ``topic``: ``<topic>:dead``."""
-    return f"{topic}{SEPARATOR}dead"
+    """The dead-letter topic for events of ``topic``: ``dead:<topic>``. Every
+    valid topic has one; a dead letter's own topic is returned unchanged."""
+    return topic if is_dead_letter(topic) else DEAD_PREFIX + topic

@@ -21,7 +21,7 @@ from .limits import check_headers as check_headers
 from .subscription import DEFAULT_BUFFER as DEFAULT_BUFFER
 from .subscription import Subscription as Subscription
 from .subscription import SubscriptionStats as SubscriptionStats
-from .topics import compile_pattern, validate_topic
+from .topics import compile_pattern, validate_publish_topic, validate_topic
 
 log = logging.getLogger("alkpubsub")
 
@@ -124,7 +124,7 @@ class BaseTransport:
         Everything is checked first (topic, payload, headers, key and size; see
         :mod:`alkpubsub.limits`), so nothing is accepted that a reader cannot decode."""
         self.check_open()
-        validate_topic(topic)
+        validate_publish_topic(topic)
         if headers:
             headers = check_headers(headers)
         elif headers is not None and not isinstance(headers, dict):
@@ -154,7 +154,7 @@ class BaseTransport:
                     "(topic, payload) pair: publish headers or keys with publish()"
                 )
             topic, payload = item
-            validate_topic(topic)
+            validate_publish_topic(topic)
             batch.append(Event.create(topic, payload, origin=self.origin, max_bytes=limit))
         if not batch:
             return []

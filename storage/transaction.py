@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from alkpubsub.errors import ConfigError
 from alkpubsub.event import Event
 from alkpubsub.limits import MAX_PAYLOAD_BYTES, check_headers, check_key
-from alkpubsub.topics import validate_topic
+from alkpubsub.topics import validate_publish_topic
 
 if TYPE_CHECKING:
     from .jobs import Session
@@ -84,7 +84,7 @@ def build_event(
 ) -> tuple[Event, str]:
     """A new event and its envelope text, validated like a transport's publish
     (topic, payload limits, headers, key; :mod:`alkpubsub.limits`)."""
-    validate_topic(topic)
+    validate_publish_topic(topic)
     if headers is not None:
         headers = check_headers(headers)
     check_key(key)

@@ -120,3 +120,15 @@ def test_base64_data_is_kept_as_text_and_marked() -> None:
     )
     assert event.payload == "AAEC"
     assert event.headers["ce-data-encoding"] == "base64"
+
+
+def test_the_arrival_topic_wins_and_a_spoofed_topic_is_refused() -> None:
+    _, body = to_structured(sdk_event())
+    event = ce.from_structured(body, topic="orders:created")
+    assert event.topic == "orders:created"
+    assert event.headers["ce-type"] == "com.example.order.created"
+    ours_text = ce.to_structured(ours())
+    with pytest.raises(PayloadError, match="arrived on 'secret:payroll'"):
+        ce.from_structured(ours_text, topic="secret:payroll")
+    headers, data = ce.to_binary(ours())
+    assert ce.from_binary(headers, data, topic="orders:created").topic == "orders:created"

@@ -103,3 +103,32 @@ async def test_relay_killed_mid_stream_resumes_without_duplicates(
     second.wait()
     assert await stream_messages(server_url, stream) == 300
     store.close()
+
+
+async def test_an_event_the_target_can_never_take_does_not_hold_back_the_rest(
+    tmp_path: Path,
+) -> None:
+    # The target accepts at most 100 bytes of payload: the 500-byte event can
+    # never go there. Retrying it forever (as the relay once did) would stall
+    # every later event; it is refused and dead-lettered at the source instead.
+    db = tmp_path / "app.db"
+    source = await alkpubsub.connect(f"honker+durable://{db}?max_deliveries=2")
+    target = await alkpubsub.connect(f"memory://{unique('bus')}")
+    target.max_payload_bytes = 100
+    await source.publish("orders:big", "x" * 500)
+    after = await source.publish("orders:small", "ok")
+    try:
+        async with (
+            target.subscribe("orders:>") as sub,
+            source.subscribe("dead:>", consumer="ops", start="earliest") as dead,
+        ):
+            relay = OutboxRelay(source, target, pattern="orders:>", retry_delay=0.01)
+            await asyncio.wait_for(relay.run(limit=1), 30)
+            [got] = await collect(sub, 1)
+            assert got.id == after.id
+            assert relay.stats.refused >= 1
+            [buried] = await collect(dead, 1)
+            assert buried.payload == "x" * 500
+    finally:
+        await source.close()
+        await target.close()

@@ -16,6 +16,8 @@ from alkpubsub.topics import (
     MAX_TOPIC_LENGTH,
     compile_pattern,
     dead_letter_topic,
+    is_dead_letter,
+    validate_publish_topic,
 )
 
 # What each bad topic's message must say about the rule it breaks.
@@ -169,13 +171,39 @@ def test_patterns_compare_and_hash_by_text() -> None:
     assert repr(Pattern("call:>")) == "Pattern('call:>')"
 
 
-def test_dead_letter_topic_appends_dead_segment() -> None:
-    assert dead_letter_topic("graph:created") == "graph:created:dead"
-    assert dead_letter_topic("jobs") == "jobs:dead"
-    # It is itself a valid topic, so it can be published and subscribed to ...
-    assert validate_topic(dead_letter_topic("graph:created")) == "graph:created:dead"
-    # ... and a tail pattern over the original topic's prefix sees dead letters too,
-    # while a single-segment wildcard does not.
-    assert Pattern("graph:>").matches("graph:created:dead")
-    assert not Pattern("graph:*").matches("graph:created:dead")
-    assert Pattern("*:*:dead").matches(dead_letter_topic("graph:created"))
+def test_dead_letters_live_under_the_reserved_first_segment() -> None:
+    assert dead_letter_topic("graph:created") == "dead:graph:created"
+    assert dead_letter_topic("jobs") == "dead:jobs"
+    # A dead letter's dead letter would be a chain: the topic stays the same.
+    assert dead_letter_topic("dead:jobs") == "dead:jobs"
+    # Every valid topic has a valid dead-letter topic, the longest included.
+    longest = ":".join(["s" * 128] * 4)[:512]
+    assert validate_topic(dead_letter_topic(longest)) == "dead:" + longest
+    assert is_dead_letter("dead:graph:created") and is_dead_letter("dead")
+    assert not is_dead_letter("deadline:x") and not is_dead_letter("x:dead")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matches"),
+    [
+        (">", False),
+        ("*", False),
+        ("*:graph:created", False),
+        ("*:*:*", False),
+        ("graph:>", False),
+        ("dead:>", True),
+        ("dead:graph:*", True),
+        ("dead:*:created", True),
+        ("dead:graph:created", True),
+    ],
+)
+def test_only_patterns_naming_dead_first_match_dead_letters(pattern: str, matches: bool) -> None:
+    # So a consumer on 'orders:>' never receives its own dead letters.
+    assert Pattern(pattern).matches("dead:graph:created") is matches
+
+
+def test_publishers_cannot_use_the_dead_segment() -> None:
+    for topic in ("dead", "dead:orders:created"):
+        with pytest.raises(InvalidTopic, match="reserved for dead letters"):
+            validate_publish_topic(topic)
+    assert validate_publish_topic("deadline:x") == "deadline:x"

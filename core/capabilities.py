@@ -36,11 +36,6 @@ class Capabilities:
     dead_letter: bool = False
     """Events that fail ``max_deliveries`` times go to ``<topic>:dead``."""
 
-    @property
-    def durable(self) -> bool:
-        """True for transports with named consumers (at-least-once delivery)."""
-        return self.consumer_offsets
-
     def names(self) -> list[str]:
         """Names of the declared capabilities."""
         return [f.name for f in fields(self) if getattr(self, f.name)]

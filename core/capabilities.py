@@ -34,7 +34,7 @@ class Capabilities:
     wildcards: bool = False
     """Subscribe patterns may contain ``*`` and ``>``."""
     dead_letter: bool = False
-    """Events that fail ``max_deliveries`` times go to ``<topic>:dead``."""
+    """Events that fail ``max_deliveries`` times go to ``dead:<topic>``."""
 
     def names(self) -> list[str]:
         """Names of the declared capabilities."""

@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint format typecheck test test-fast bench demo clean
+.PHONY: install lint format typecheck test test-fast soak bench demo clean
 
 $(STAMP): pyproject.toml scripts/honker_wheel.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: lint
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow" $(PYTEST_ARGS)
+
+# 1,000,000 events per transport past a stalled and a fast subscriber (not in
+# `make test`, which runs the same test with 20,000). See docs/reliability.md.
+SOAK_EVENTS ?= 1000000
+soak: $(STAMP)
+	ALKPUBSUB_SOAK_EVENTS=$(SOAK_EVENTS) $(BIN)/python -m pytest -q -m soak tests/reliability $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)

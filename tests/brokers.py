@@ -555,6 +555,12 @@ class RedisServer(BrokerServer):
     ``appendonly`` (default True) keeps data across :meth:`restart`, e.g.
     Streams and consumer groups; RDB snapshots are always off (``save ""``)
     so persistence behaviour depends on that one switch only.
+
+    ``appendfsync`` (default ``everysec``, Redis's own default) says when the
+    AOF is fsynced. With ``everysec`` Redis may reply before it has even
+    written a command to the AOF while a background fsync is running (it
+    postpones the write up to 2 s), so a SIGKILL can lose acknowledged writes;
+    ``always`` writes and fsyncs before replying.
     """
 
     binary_name = "redis-server"
@@ -564,6 +570,7 @@ class RedisServer(BrokerServer):
         self,
         *,
         appendonly: bool = True,
+        appendfsync: str = "everysec",
         password: str | None = None,
         base_dir: str | os.PathLike[str] | None = None,
         binary: str | None = None,
@@ -571,7 +578,10 @@ class RedisServer(BrokerServer):
         extra_args: Sequence[str] = (),
     ) -> None:
         """Prepare the server; ``password`` sets ``requirepass``."""
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync={appendfsync!r}: use 'always', 'everysec' or 'no'")
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.password = password
         self._port = 0
         super().__init__(
@@ -608,7 +618,7 @@ class RedisServer(BrokerServer):
             "--dir", str(self._dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--daemonize", "no",
             "--logfile", str(self.log_path),
         ]  # fmt: skip

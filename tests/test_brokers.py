@@ -136,6 +136,16 @@ def test_redis_data_survives_restart_with_appendonly(redis_server: RedisServer) 
     assert redis_call(port, "GET", "brokers:k") == b"v"
 
 
+def test_redis_appendfsync_is_applied(tmp_path: Path) -> None:
+    """Expect the appendfsync setting to reach the server (default everysec)."""
+    with RedisServer(base_dir=tmp_path / "default") as server:
+        assert server.call("CONFIG", "GET", "appendfsync") == [b"appendfsync", b"everysec"]
+    with RedisServer(base_dir=tmp_path / "always", appendfsync="always") as server:
+        assert server.call("CONFIG", "GET", "appendfsync") == [b"appendfsync", b"always"]
+    with pytest.raises(ValueError, match="appendfsync"):
+        RedisServer(base_dir=tmp_path / "bad", appendfsync="sometimes")
+
+
 def test_redis_without_appendonly_forgets_data_on_restart(tmp_path: Path) -> None:
     """Expect appendonly=False (and no RDB saves) to start empty after restart."""
     with RedisServer(appendonly=False, base_dir=tmp_path) as server:

@@ -337,52 +337,42 @@ class AdversarialCases(SuiteFixtures):
     ) -> None:
         topic = unique("bad")
 
-        @HYPOTHESIS
-        @given(
-            case=st.one_of(
-                st.tuples(st.just("topic"), bad_topics),
-                st.tuples(st.just("payload"), bad_payloads),
-                st.tuples(st.just("headers"), bad_headers),
-                st.tuples(st.just("key"), bad_keys),
-                st.tuples(st.just("batch"), bad_batches),
+        def run(runner: asyncio.Runner, transport: Transport, sub: Subscription) -> None:
+            @HYPOTHESIS
+            @given(
+                case=st.one_of(
+                    st.tuples(st.just("topic"), bad_topics),
+                    st.tuples(st.just("payload"), bad_payloads),
+                    st.tuples(st.just("headers"), bad_headers),
+                    st.tuples(st.just("key"), bad_keys),
+                    st.tuples(st.just("batch"), bad_batches),
+                )
             )
-        )
-        def attempt(case: tuple[str, Any]) -> None:
-            runner.run(_refused(transport, topic, *case))
+            def attempt(case: tuple[str, Any]) -> None:
+                runner.run(_refused(transport, topic, *case))
 
-        with asyncio.Runner() as runner:
-            transport: Transport = runner.run(_made(factory))
-            sub = transport.subscribe(topic)
-            try:
-                runner.run(sub.__aenter__())
-                attempt()
-                # Nothing any refused call made may reach a subscriber.
-                sent = runner.run(transport.publish(topic, "sentinel"))
-                [got] = runner.run(collect(sub, 1))
-                assert got.id == sent.id, f"a refused publish was delivered: {got!r}"
-            finally:
-                runner.run(sub.close())
-                runner.run(transport.close())
+            attempt()
+            # Nothing any refused call made may reach a subscriber.
+            sent = runner.run(transport.publish(topic, "sentinel"))
+            [got] = runner.run(collect(sub, 1))
+            assert got.id == sent.id, f"a refused publish was delivered: {got!r}"
+
+        _with_subscription(factory, topic, run)
 
     def test_odd_but_valid_payloads_arrive_unchanged(self, factory: TransportFactory) -> None:
         topic = unique("odd")
 
-        @HYPOTHESIS
-        @given(payload=json_values)
-        def attempt(payload: Any) -> None:
-            got = runner.run(_round_trip(transport, sub, topic, payload))
-            # Compared as JSON text: True == 1 and 1 == 1.0 in Python, not on the wire.
-            assert to_json(got.payload) == to_json(payload)
+        def run(runner: asyncio.Runner, transport: Transport, sub: Subscription) -> None:
+            @HYPOTHESIS
+            @given(payload=json_values)
+            def attempt(payload: Any) -> None:
+                got = runner.run(_round_trip(transport, sub, topic, payload))
+                # Compared as JSON text: True == 1 and 1 == 1.0 in Python, not on the wire.
+                assert to_json(got.payload) == to_json(payload)
 
-        with asyncio.Runner() as runner:
-            transport: Transport = runner.run(_made(factory))
-            sub = transport.subscribe(topic)
-            try:
-                runner.run(sub.__aenter__())
-                attempt()
-            finally:
-                runner.run(sub.close())
-                runner.run(transport.close())
+            attempt()
+
+        _with_subscription(factory, topic, run)
 
     @pytest.mark.parametrize(
         ("kwargs", "error"),
@@ -454,6 +444,24 @@ class AdversarialCases(SuiteFixtures):
 
 async def _made(factory: TransportFactory) -> Transport:
     return await factory()
+
+
+def _with_subscription(
+    factory: TransportFactory,
+    topic: str,
+    body: Callable[[asyncio.Runner, Transport, Subscription], None],
+) -> None:
+    """Run ``body`` with a live subscription to ``topic``, outside pytest-asyncio:
+    hypothesis drives a plain function, so the event loop is an ``asyncio.Runner``."""
+    with asyncio.Runner() as runner:
+        transport = runner.run(_made(factory))
+        sub = transport.subscribe(topic)
+        try:
+            runner.run(sub.__aenter__())
+            body(runner, transport, sub)
+        finally:
+            runner.run(sub.close())
+            runner.run(transport.close())
 
 
 async def _refused(transport: Transport, topic: str, kind: str, value: Any) -> None:

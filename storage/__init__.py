@@ -26,9 +26,20 @@ deleted while open, everything on it fails with ``ConnectionLost`` and opening
 the path again opens the new file.
 """
 
+from .consumers import CONSUMER_PREFIX, ConsumerLease, StreamConsumer
 from .jobs import WriterStats
 from .pruning import DEFAULT_NOTIFY_RETENTION
 from .retention import PruneCounts, prune
+from .rows import (
+    FOREIGN_MODES,
+    ForeignMode,
+    Malformed,
+    ParsedRow,
+    RowDecoder,
+    check_foreign_mode,
+    default_foreign_topic,
+    parse_row,
+)
 from .shared import SharedDatabase
 from .store import DEFAULT_BUSY_TIMEOUT, Store, open_store
 from .stores import Stores, check_org_id
@@ -42,20 +53,31 @@ from .transaction import (
 from .watcher import Watcher
 
 __all__ = [
+    "CONSUMER_PREFIX",
     "DEFAULT_BUSY_TIMEOUT",
     "DEFAULT_NOTIFY_RETENTION",
     "DEFAULT_STREAM",
+    "FOREIGN_MODES",
     "AsyncStoreTransaction",
+    "ConsumerLease",
+    "ForeignMode",
+    "Malformed",
+    "ParsedRow",
     "PruneCounts",
+    "RowDecoder",
     "SharedDatabase",
     "Store",
     "StoreTransaction",
     "Stores",
+    "StreamConsumer",
     "Watcher",
     "WriterStats",
     "build_event",
+    "check_foreign_mode",
     "check_org_id",
     "check_stream_name",
+    "default_foreign_topic",
     "open_store",
+    "parse_row",
     "prune",
 ]

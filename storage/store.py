@@ -18,9 +18,20 @@ from typing import Any, TypeVar
 
 import honker
 
+from alkpubsub.capabilities import Start
 from alkpubsub.errors import Closed, ConfigError, ConnectionLost, PubSubError
 from alkpubsub.event import new_origin
 
+from .consumers import (
+    REMOVE,
+    ROWS_AFTER,
+    STREAM_HEAD,
+    ConsumerLease,
+    StreamConsumer,
+    list_consumers,
+    row_name,
+    start_position,
+)
 from .jobs import CALL, NOTIFY, SESSION, STREAM, Job, Session, WriterStats
 from .pruning import DEFAULT_NOTIFY_RETENTION
 from .retention import PruneCounts, prune
@@ -194,31 +205,46 @@ class Store:
         self._check_open()
         return self._shared.watcher(asyncio.get_running_loop())
 
+    def rows_after(self, stream: str, offset: int, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` rows of ``stream`` after ``offset``, oldest first, through
+        the reader pool: dicts of ``offset``, ``key``, ``payload`` and ``created_at``
+        (any SQLite type: other clients write these rows too)."""
+        rows: list[dict[str, Any]] = self.honker.query(ROWS_AFTER, [stream, offset, limit])
+        return rows
+
+    def start_position(self, stream: str, start: Start) -> int:
+        """The offset a reader of ``stream`` without a saved position continues after."""
+        return start_position(self.honker.query, stream, start)
+
+    def consumers(self, stream: str = DEFAULT_STREAM) -> list[StreamConsumer]:
+        """Every durable consumer of ``stream``: alkpubsub's and honker's own
+        (``stream.subscribe(consumer=)``), each with its kind and saved offset."""
+        return list_consumers(self.honker.query, check_stream_name(stream))
+
     def consumer_offsets(self, stream: str = DEFAULT_STREAM) -> dict[str, int]:
-        """Saved position of every durable consumer of ``stream``."""
-        check_stream_name(stream)
-        rows = self.honker.query(
-            "SELECT name, offset FROM _honker_stream_consumers WHERE topic = ? ORDER BY name",
-            [stream],
-        )
-        return {row["name"]: int(row["offset"]) for row in rows}
+        """Saved position of every alkpubsub durable consumer of ``stream``, by name."""
+        return {c.name: c.offset for c in self.consumers(stream) if c.kind == "alkpubsub"}
+
+    def consumer_lease(self, stream: str, consumer: str, ttl: int) -> ConsumerLease:
+        """The lease (claim and saved position) of alkpubsub's consumer ``consumer``."""
+        return ConsumerLease(self, check_stream_name(stream), consumer, ttl)
 
     def stream_head(self, stream: str = DEFAULT_STREAM) -> int:
         """The offset of the newest event in ``stream`` (0 if empty); a consumer's
         lag is ``stream_head() - consumer_offsets()[name]`` rows (other topics included)."""
-        rows = self.honker.query(
-            "SELECT COALESCE(MAX(offset), 0) AS m FROM _honker_stream WHERE topic = ?",
-            [check_stream_name(stream)],
-        )
+        rows = self.honker.query(STREAM_HEAD, [check_stream_name(stream)])
         return int(rows[0]["m"])
 
-    def remove_consumer(self, name: str, stream: str = DEFAULT_STREAM) -> bool:
-        """Forget a durable consumer's position (it no longer holds back pruning)."""
+    def remove_consumer(
+        self, name: str, stream: str = DEFAULT_STREAM, *, kind: str = "alkpubsub"
+    ) -> bool:
+        """Forget a durable consumer's position (it no longer holds back pruning):
+        alkpubsub's consumer ``name``, or with ``kind="honker"`` honker's own."""
+        if kind not in ("alkpubsub", "honker"):
+            raise ConfigError(f"kind={kind!r}: use 'alkpubsub' or 'honker'")
+        stored = row_name(name) if kind == "alkpubsub" else name
         with self.transaction() as tx:
-            tx.execute(
-                "DELETE FROM _honker_stream_consumers WHERE name = ? AND topic = ?",
-                [name, check_stream_name(stream)],
-            )
+            tx.execute(REMOVE, [stored, check_stream_name(stream)])
             return bool(tx.query("SELECT changes() AS n")[0]["n"])
 
     # -- retention -----------------------------------------------------------

@@ -420,8 +420,10 @@ def test_prune_by_age_deletes_only_older_rows(store: Store) -> None:
 
 def test_prune_never_passes_the_slowest_consumer_unless_forced(store: Store) -> None:
     events = publish_n(store, 10)
+    # "fast" is alkpubsub's (its row is namespaced), "slow" a honker-native consumer:
+    # both hold back pruning.
     with store.transaction() as tx:
-        for name, position in (("fast", events[8].offset), ("slow", events[3].offset)):
+        for name, position in (("alkpubsub:fast", events[8].offset), ("slow", events[3].offset)):
             tx.query("SELECT honker_stream_save_offset(?, 'events', ?)", [name, position])
     counts = store.prune(keep_last=0)
     # "slow" has consumed the first four events: only those may go.
@@ -430,8 +432,10 @@ def test_prune_never_passes_the_slowest_consumer_unless_forced(store: Store) -> 
     assert [e.payload for e in stream_events(store)] == list(range(4, 10))
     assert store.stream_head() == events[-1].offset
     assert store.prune(keep_last=0, force=True).stream_rows == {"events": 6}
-    assert store.remove_consumer("slow") is True
+    assert store.remove_consumer("slow") is False  # no alkpubsub consumer of that name
+    assert store.remove_consumer("slow", kind="honker") is True
     assert store.consumer_offsets() == {"fast": events[8].offset}
+    assert [(c.name, c.kind) for c in store.consumers()] == [("fast", "alkpubsub")]
 
 
 async def test_aprune_runs_on_the_writer(store: Store) -> None:

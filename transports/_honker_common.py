@@ -1,5 +1,5 @@
 """What the Honker transports share: the URL -> file rule, opening the store, and
-(for ``honker+durable``) reading stream rows, consumer leases and dead letters.
+the ``format`` option. (Every statement on honker's tables is in ``alkpubsub.storage``.)
 
 URL -> file
     ``honker:///abs/path.db``       the absolute path ``/abs/path.db``
@@ -15,23 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import socket
-import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Literal
 
-from alkpubsub.capabilities import Start
+from alkpubsub.cloudevents import to_structured
 from alkpubsub.config import ParsedUrl
-from alkpubsub.errors import ConfigError, ConsumerBusy, InvalidTopic
+from alkpubsub.errors import ConfigError
 from alkpubsub.event import Event
-from alkpubsub.storage import (
-    DEFAULT_NOTIFY_RETENTION,
-    Store,
-    StoreTransaction,
-    build_event,
-    open_store,
-)
-from alkpubsub.topics import dead_letter_topic
+from alkpubsub.storage import DEFAULT_NOTIFY_RETENTION, Store, open_store
 
 
 def database_path(url: ParsedUrl) -> str:
@@ -81,6 +72,11 @@ class StoreHolder:
                 self.store = await asyncio.to_thread(self._open)
         return self.store
 
+    @staticmethod
+    def resolved(path: str) -> str:
+        """The absolute path of ``path`` (the same text in every process)."""
+        return os.path.realpath(path)
+
     def open_now(self) -> Store:
         """Open synchronously (for callers outside the event loop)."""
         if self.store is None:
@@ -95,178 +91,37 @@ class StoreHolder:
             self.store.close()
 
 
-# -- durable stream rows --------------------------------------------------------
+# -- options both transports share ---------------------------------------------
 
-SELECT_ROWS = (
-    "SELECT offset, payload FROM _honker_stream WHERE topic = ? AND offset > ? "
-    "ORDER BY offset LIMIT ?"
-)
-MAX_OFFSET = "SELECT COALESCE(MAX(offset), 0) AS m FROM _honker_stream WHERE topic = ?"
-
-# alkpubsub writes envelopes as {"alkpubsub":1,"id":"...","topic":"...",...} (before
-# wire format v1 without the version): reading the topic with a regex lets a reader
-# skip rows of other topics without parsing them (test_honker_durable checks it
-# matches what Event.envelope writes).
-_ENVELOPE_TOPIC = re.compile(
-    r'\{(?:"alkpubsub":[0-9]+,)?"id":"[^"\\]*","topic":"([A-Za-z0-9_.:\-]+)"'
-)
+Format = Literal["alkpubsub", "cloudevents"]
 
 
-def envelope_topic(text: str) -> str | None:
-    """The topic of an envelope written by alkpubsub, or None (parse it fully)."""
-    found = _ENVELOPE_TOPIC.match(text)
-    return found.group(1) if found else None
+def check_format(value: str) -> Format:
+    """``format`` is ``alkpubsub`` or ``cloudevents``: SQLite rows have no message
+    headers, so binary CloudEvents cannot be written; raise :class:`ConfigError`."""
+    if value == "cloudevents-binary":
+        raise ConfigError(
+            "format='cloudevents-binary' needs message headers, which Honker rows do not "
+            "have; use format=cloudevents (structured: the CloudEvent is the row's JSON)"
+        )
+    if value not in ("alkpubsub", "cloudevents"):
+        raise ConfigError(
+            f"format={value!r} is not an option value; use format=alkpubsub (the default) "
+            "or format=cloudevents"
+        )
+    return value  # type: ignore[return-value]
+
+
+def encoder(fmt: Format) -> Callable[[Event, bytes], str]:
+    """How an event becomes a row's payload text in format ``fmt``."""
+    if fmt == "cloudevents":
+        return lambda event, body: to_structured(event, body).decode()
+    return lambda event, body: event.envelope(body).decode()
 
 
 def place_offset(event: Event, offset: int) -> Event:
-    """Set ``offset`` on an event just parsed from a row. The event is new and not
+    """Set ``offset`` on an event just decoded from a row. The event is new and not
     shared yet, so writing the field directly is safe, and 30x cheaper than
     ``model_copy``; pydantic keeps field values in ``__dict__``."""
     event.__dict__["offset"] = offset
     return event
-
-
-FALLBACK_DEAD_TOPIC = "dead"
-"""Where an event goes whose ``<topic>:dead`` would break the topic length limit."""
-
-
-def dead_letter(
-    topic: str,
-    payload: Any,
-    headers: dict[str, str],
-    offset: int,
-    consumer: str | None,
-    origin: str,
-) -> tuple[Event, str]:
-    """The dead letter (event and envelope) for the event of ``topic`` at ``offset``."""
-    headers = {
-        **headers,
-        "x-original-topic": topic,
-        "x-original-offset": str(offset),
-        "x-consumer": consumer or "",
-    }
-    try:
-        return build_event(dead_letter_topic(topic), payload, origin=origin, headers=headers)
-    except InvalidTopic:
-        return build_event(FALLBACK_DEAD_TOPIC, payload, origin=origin, headers=headers)
-
-
-def start_position(query: Any, stream: str, start: Start) -> int:
-    """The offset a reader without a saved position continues after."""
-    if start == "earliest":
-        return 0
-    if start == "new":
-        return int(query(MAX_OFFSET, [stream])[0]["m"])
-    return max(int(start) - 1, 0)
-
-
-# -- named consumers: one live subscription per name, across processes ----------
-
-_HOST = socket.gethostname()
-_live_owners: set[str] = set()
-
-
-def _holder_is_gone(owner: str) -> bool:
-    """True when the lease holder is a process on this host that no longer runs,
-    or a subscription of this process that was dropped without closing."""
-    host, _, rest = owner.partition("|")
-    pid_text = rest.partition("|")[0]
-    if host != _HOST or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return owner not in _live_owners
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-class ConsumerLease:
-    """The claim of one named consumer on one stream, held in honker's
-    ``_honker_locks`` (a lease renewed every ``ttl / 3`` seconds), plus the
-    consumer's saved position in ``_honker_stream_consumers``.
-
-    A holder that crashed frees the name at once when it ran on this host (its
-    pid is gone), else when its lease expires after ``ttl`` seconds.
-    """
-
-    def __init__(self, store: Store, stream: str, consumer: str, ttl: int) -> None:
-        self.store = store
-        self.stream = stream
-        self.consumer = consumer
-        self.ttl = ttl
-        self.lock = f"alkpubsub:consumer:{stream}:{consumer}"
-        self.owner = f"{_HOST}|{os.getpid()}|{uuid.uuid4().hex[:12]}"
-
-    async def claim(self, start: Start) -> int:
-        """Take the name; return the position to continue after, or raise ConsumerBusy."""
-        result = await self.store.write(lambda tx: self._claim(tx, start), short=True)
-        if isinstance(result, str):
-            raise ConsumerBusy(
-                f"consumer {self.consumer!r} of stream {self.stream!r} in {self.store.path!r} "
-                f"is in use by {result}; close that subscription or pick another consumer name"
-            )
-        _live_owners.add(self.owner)
-        return result
-
-    def _claim(self, tx: StoreTransaction, start: Start) -> int | str:
-        acquire = "SELECT honker_lock_acquire(?, ?, ?) AS r"
-        if not tx.query(acquire, [self.lock, self.owner, self.ttl])[0]["r"]:
-            rows = tx.query(
-                "SELECT owner, expires_at - unixepoch() AS left FROM _honker_locks WHERE name = ?",
-                [self.lock],
-            )
-            holder, left = (rows[0]["owner"], rows[0]["left"]) if rows else ("?", 0)
-            if not _holder_is_gone(holder):
-                host, _, rest = holder.partition("|")
-                pid = rest.partition("|")[0]
-                here = host == _HOST and pid == str(os.getpid())
-                who = "this process" if here else f"process {pid} on {host}"
-                return f"{who} (its lease runs {left} s more unless renewed)"
-            tx.execute(
-                "DELETE FROM _honker_locks WHERE name = ? AND owner = ?", [self.lock, holder]
-            )
-            tx.query(acquire, [self.lock, self.owner, self.ttl])
-        saved = tx.query(
-            "SELECT offset FROM _honker_stream_consumers WHERE name = ? AND topic = ?",
-            [self.consumer, self.stream],
-        )
-        if saved:
-            return int(saved[0]["offset"])
-        position = start_position(tx.query, self.stream, start)
-        # Registering now makes the consumer resume from here after a crash and
-        # holds back pruning of what it has not read.
-        tx.execute(
-            "INSERT INTO _honker_stream_consumers (name, topic, offset) VALUES (?, ?, ?)",
-            [self.consumer, self.stream, position],
-        )
-        return position
-
-    async def renew(self) -> bool:
-        """Extend the lease; False when it was lost (expired and taken by another)."""
-        sql = "SELECT honker_lock_renew(?, ?, ?) AS r"
-        params = [self.lock, self.owner, self.ttl]
-        return bool(await self.store.write(lambda tx: tx.query(sql, params)[0]["r"], short=True))
-
-    async def save(self, offset: int) -> None:
-        """Persist the position (monotonic: it never moves back)."""
-        await self.store.write(lambda tx: self._save(tx, offset), short=True)
-
-    def _save(self, tx: StoreTransaction, offset: int) -> None:
-        tx.query(
-            "SELECT honker_stream_save_offset(?, ?, ?) AS r", [self.consumer, self.stream, offset]
-        )
-
-    async def release(self, offset: int) -> None:
-        """Save the final position and free the name, in one commit."""
-        _live_owners.discard(self.owner)
-
-        def release(tx: StoreTransaction) -> None:
-            self._save(tx, offset)
-            tx.query("SELECT honker_lock_release(?, ?) AS r", [self.lock, self.owner])
-
-        await self.store.write(release, short=True)

@@ -8,27 +8,40 @@ Features
     name, in this process or another, is refused with ``ConsumerBusy``.
 
     All topics share one honker stream (``_honker_stream.topic`` = the stream
-    name); each row's payload is the event's JSON envelope and its offset is
-    ``event.offset``. A row that is no envelope (written by another SQLite
-    client: a BLOB, invalid or non-UTF-8 text, an envelope naming two topics) is
-    counted in ``stats.malformed`` and skipped, and a named consumer files it
-    under ``<topic>:dead`` when its text names a topic; it never stops a reader.
+    name); each row's payload is the event's JSON envelope (or, with
+    ``format=cloudevents``, a structured CloudEvent) and its offset is
+    ``event.offset``. Every row is parsed (``alkpubsub.storage.rows``): readers
+    take our envelopes, CloudEvents and *foreign* rows (honker's own
+    ``stream.publish``, the Node binding, any SQLite client). A foreign row has
+    no topic of its own: it is the ``foreign_topic`` topic (default: the stream
+    name), id ``uuid5(file, stream, offset)``, payload its JSON (else its text),
+    header ``x-alk-foreign: json|text``, origin ``foreign``. A row that claims to
+    be ours but is invalid, a BLOB, or non-UTF-8 text is counted in
+    ``stats.malformed``; a named consumer whose pattern matches its topic (the
+    one it names, else ``foreign_topic``) dead-letters it. Nothing stops a reader.
     A subscription reads rows after its position through honker's reader pool,
     skips topics its pattern does not match, and pauses while its buffer is
     full (backpressure, nothing dropped). Reads are woken by
     the database's shared watcher on every commit, from any process.
 
     A named ``consumer`` keeps its position in honker's ``_honker_stream_consumers``
-    (the highest offset below which every event was acked or skipped) and resumes
-    after it: at least once. ``start`` applies only to a consumer with no saved
-    position; the position is saved when the name is first claimed. Without a
-    consumer name a subscription starts at ``start`` and keeps no position.
+    under the row name ``alkpubsub:<consumer>`` (so a honker-native consumer of
+    the same name is another consumer: neither moves the other), as the highest
+    offset below which every row of its topics was acked or dead-lettered (rows
+    of other topics are skipped); it resumes after it: at least once. ``start``
+    applies only to a consumer with no saved position; the position is saved
+    when the name is first claimed. Without a consumer name a subscription
+    starts at ``start`` and keeps no position. ``consumer_stats()`` lists both
+    kinds (``ConsumerStat.kind`` = ``alkpubsub`` or ``honker``).
 
-    ``nack(event, delay=)`` delivers the event again after ``delay`` seconds; after
-    ``max_deliveries`` deliveries it is appended to ``<topic>:dead`` with headers
-    ``x-dead-reason``, ``x-deliveries``, ``x-original-id``, ``x-original-topic``,
-    ``x-original-offset`` and ``x-consumer``, and counts as acked. Delivery counts
-    live in memory: a restart starts counting again.
+    ``nack(event, delay=, reason=)`` delivers the event again after ``delay``
+    seconds; after ``max_deliveries`` deliveries it is appended to
+    ``dead:<topic>`` (built by ``alkpubsub.deadletter``: ``x-dead-reason``,
+    ``x-dead-kind``, ``x-deliveries``, ``x-consumer``, ``x-original-id``,
+    ``x-original-topic``, ``x-original-offset``) and counts as acked. A dead
+    letter that keeps failing is redelivered, never dead-lettered again; a
+    wildcard pattern never sees dead letters (only patterns naming ``dead``
+    first do). Delivery counts live in memory: a restart starts counting again.
 
     Redelivery window: acks are saved by the writer right after they happen (at
     most one save per consumer in flight, later acks coalesced into the next).
@@ -43,7 +56,7 @@ Connection String
 
 Transport Options
     stream          events   honker stream holding the events; ``tx.publish(stream=)`` writes it
-    max_deliveries  5        deliveries before an event goes to ``<topic>:dead``
+    max_deliveries  5        deliveries before an event goes to ``dead:<topic>``
                              (default from ``Settings.max_deliveries``)
     consumer_ttl    30       seconds a consumer name's lease lasts without renewal (the
                              longest a name stays taken after its holder crashed on
@@ -52,6 +65,14 @@ Transport Options
     notify_retention 60      seconds ``honker://`` notifications in the same file are
                              kept before this process's writer prunes them; 0 = never
                              (stream rows are pruned only by ``store.prune``)
+    foreign         adopt    foreign rows: ``adopt`` (delivered as events, see above),
+                             ``dead_letter`` (named consumers dead-letter them) or
+                             ``drop`` (counted in ``stats.malformed``, skipped)
+    foreign_topic   (stream) the topic of foreign rows; default the stream name if it
+                             is a valid topic, else ``foreign``
+    format          alkpubsub  what publishes write: ``alkpubsub`` (the envelope) or
+                             ``cloudevents`` (structured CloudEvents JSON); readers take
+                             both. ``cloudevents-binary`` is refused (rows have no headers)
 """
 
 from __future__ import annotations
@@ -63,30 +84,30 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from alkpubsub.abilities import ConsumerStat
+from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
-from alkpubsub.errors import ConnectionLost, ConsumerBusy, PubSubError
+from alkpubsub.deadletter import dead_letter, should_dead_letter
+from alkpubsub.errors import ConfigError, ConnectionLost, ConsumerBusy, InvalidTopic
 from alkpubsub.event import Event
 from alkpubsub.storage import (
     DEFAULT_NOTIFY_RETENTION,
     DEFAULT_STREAM,
+    ConsumerLease,
+    ForeignMode,
+    Malformed,
+    RowDecoder,
     Store,
     Watcher,
+    check_foreign_mode,
     check_stream_name,
+    default_foreign_topic,
+    parse_row,
 )
+from alkpubsub.topics import validate_topic
 from alkpubsub.transport import BaseTransport, Subscription
 
-from ._honker_common import (
-    SELECT_ROWS,
-    ConsumerLease,
-    StoreHolder,
-    database_path,
-    dead_letter,
-    envelope_topic,
-    place_offset,
-    start_position,
-)
+from ._honker_common import Format, StoreHolder, check_format, database_path, encoder, place_offset
 
 log = logging.getLogger("alkpubsub")
 
@@ -130,11 +151,11 @@ class HonkerDurableSubscription(Subscription):
         transport = self.transport
         store = self._store = await transport._holder.get()
         if self.consumer is not None:
-            lease = ConsumerLease(store, transport.stream, self.consumer, transport.consumer_ttl)
+            lease = store.consumer_lease(transport.stream, self.consumer, transport.consumer_ttl)
             self._pos = self._saved = await lease.claim(self.start_at)
             self._lease = lease
         else:
-            self._pos = start_position(store.honker.query, transport.stream, self.start_at)
+            self._pos = store.start_position(transport.stream, self.start_at)
         try:
             self._watcher = store.watcher()
         except BaseException:
@@ -185,9 +206,10 @@ class HonkerDurableSubscription(Subscription):
 
     async def _read(self) -> None:
         assert self._store is not None
-        query = self._store.honker.query
-        stream = self.transport.stream
-        batch = self.transport.read_batch
+        rows_after = self._store.rows_after
+        transport = self.transport
+        stream, batch = transport.stream, transport.read_batch
+        foreign_topic, decode = transport.foreign_topic, transport.decoder.decode
         matches = self.pattern.matches
         track = self._lease is not None
         signal = self._signal
@@ -199,30 +221,25 @@ class HonkerDurableSubscription(Subscription):
                 continue
             signal.clear()
             limit = max(1, min(batch, self.buffer_size - len(self._buffer)))
-            rows = query(SELECT_ROWS, [stream, self._pos, limit])
+            rows = rows_after(stream, self._pos, limit)
             self.stats.lag = len(self._buffer) if len(rows) < limit else None
             if not rows:
                 await signal.wait()
                 continue
             for row in rows:
                 offset: int = row["offset"]
-                text: object = row["payload"]  # any type: other SQLite clients write too
+                # Parsed, never sniffed: ~3 us for a 400-byte envelope of a topic
+                # this pattern skips (docs/decisions/003).
+                parsed = parse_row(row["payload"], foreign_topic)
+                if parsed.kind != "bad" and not matches(parsed.topic or foreign_topic):
+                    self._pos = offset  # another topic's row: not ours to deliver
+                    continue
+                event = decode(parsed, foreign_topic, offset, row["created_at"], row["key"])
+                if isinstance(event, Malformed):
+                    await self._malformed(offset, event)
+                    self._pos = offset
+                    continue
                 self._pos = offset
-                if type(text) is not str:
-                    await self._malformed(offset, None, text, "the payload is not text")
-                    continue
-                topic = envelope_topic(text)
-                if topic is not None and not matches(topic):
-                    continue
-                try:
-                    event = Event.from_json(text)
-                except Exception as exc:  # PayloadError, or whatever else a parser may raise
-                    await self._malformed(offset, topic, text, exc)
-                    continue
-                if topic is not None and event.topic != topic:
-                    detail = f"its envelope names topics {topic!r} and {event.topic[:80]!r}"
-                    await self._malformed(offset, topic, text, detail)
-                    continue
                 if not matches(event.topic):
                     continue
                 place_offset(event, offset)
@@ -239,24 +256,27 @@ class HonkerDurableSubscription(Subscription):
             else:
                 await asyncio.sleep(0)  # let others run between batches
 
-    async def _malformed(
-        self, offset: int, topic: str | None, text: object, problem: Exception | str
-    ) -> None:
-        """Count a row that is no event; a named consumer also files it under
-        ``<topic>:dead`` when its envelope names a topic it subscribes to."""
-        stream = self.transport.stream
-        self.transport.report_malformed(self, "envelope", f"{stream!r} offset {offset}: {problem}")
+    async def _malformed(self, offset: int, row: Malformed) -> None:
+        """Count a row that is no event; a named consumer whose pattern matches the
+        topic it is filed under also dead-letters it. If that write fails, the
+        reader stops before the row (its position never passes it)."""
+        transport = self.transport
+        detail = f"{transport.stream!r} offset {offset}: {row.detail}"
+        transport.report_malformed(self, row.kind, detail)
+        topic = row.topic
         if topic is None or not self.pattern.matches(topic) or self._lease is None:
-            return  # no topic to file it under, or no consumer to own it
-        assert isinstance(text, str)
-        try:
-            reason = {"x-dead-reason": f"malformed envelope: {problem}"}
-            await self.transport._bury(topic, text, reason, offset, self.consumer)
-        except PubSubError as exc:
-            # The row is undeliverable either way; a reader must not stop because its
-            # copy for the dead-letter topic could not be written (e.g. disk full).
-            log.warning("%s: offset %s skipped, not dead-lettered: %s", self, offset, exc)
+            return  # not this consumer's topic, or no consumer to own it
+        if row.kind == "foreign" and transport.foreign == "drop":
             return
+        letter, body = dead_letter(
+            topic=topic,
+            reason=row.detail,
+            origin=transport.origin,
+            raw=row.raw,
+            consumer=self.consumer,
+            offset=offset,
+        )
+        await transport.write_dead_letter(letter, body)
         self.stats.dead_lettered += 1
 
     # -- acknowledgement ---------------------------------------------------
@@ -267,25 +287,29 @@ class HonkerDurableSubscription(Subscription):
         if event.offset is not None:
             self._done(event.offset)
 
-    async def nack(self, event: Event, *, delay: float = 0) -> None:
-        """Deliver ``event`` again after ``delay`` seconds, or dead-letter it once it
-        has been delivered ``max_deliveries`` times."""
-        await super().nack(event, delay=delay)
+    async def nack(self, event: Event, *, delay: float = 0, reason: str | None = None) -> None:
+        """Deliver ``event`` again after ``delay`` seconds, or dead-letter it (with
+        ``reason``) once it has been delivered ``max_deliveries`` times."""
+        await super().nack(event, delay=delay, reason=reason)
         offset = event.offset
         if offset is None or self._closed or offset in self._timers:
             return
         if self._lease is not None and self._acked.get(offset) is not False:
             return  # acked already, or not ours
         deliveries = self._deliveries.get(offset, 1)
-        if deliveries >= self.transport.max_deliveries:
-            reason = f"nacked after {deliveries} deliveries to consumer {self.consumer!r}"
-            headers = {
-                **event.headers,
-                "x-dead-reason": reason,
-                "x-deliveries": str(deliveries),
-                "x-original-id": event.id,
-            }
-            await self.transport._bury(event.topic, event.payload, headers, offset, self.consumer)
+        transport = self.transport
+        if should_dead_letter(event.topic, deliveries, transport.max_deliveries):
+            why = reason or f"nacked after {deliveries} deliveries"
+            letter, body = dead_letter(
+                topic=event.topic,
+                reason=why,
+                origin=transport.origin,
+                event=event,
+                deliveries=deliveries,
+                consumer=self.consumer,
+                offset=offset,
+            )
+            await transport.write_dead_letter(letter, body)
             self.stats.dead_lettered += 1
             self._done(offset)
             return
@@ -366,20 +390,35 @@ class HonkerDurableTransport(BaseTransport):
         path: str,
         *,
         stream: str = DEFAULT_STREAM,
-        max_deliveries: int = 5,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         consumer_ttl: int = 30,
         read_batch: int = 128,
         origin: str | None = None,
         notify_retention: float = DEFAULT_NOTIFY_RETENTION,
+        foreign: ForeignMode = "adopt",
+        foreign_topic: str | None = None,
+        format: Format = "alkpubsub",
     ) -> None:
         super().__init__(origin=origin)
         self.stream = check_stream_name(stream)
-        self.max_deliveries = max_deliveries
+        self._max_deliveries = max_deliveries
         self.consumer_ttl = consumer_ttl
         self.read_batch = read_batch
+        self.foreign = check_foreign_mode(foreign)
+        self.foreign_topic = _check_foreign_topic(foreign_topic, self.stream)
+        self.format = check_format(format)
+        self._encode = encoder(self.format)
         where = f"//{path}" if path.startswith("/") else f"///{path}"
         self.name = f"honker+durable:{where}?stream={stream}"
         self._holder = StoreHolder(path, self.origin, notify_retention)
+        location = f"honker+durable:{StoreHolder.resolved(path)}?stream={self.stream}"
+        self.decoder = RowDecoder(location, self.foreign, same_topic=False)
+        """Reads rows into events (``alkpubsub.storage.rows``)."""
+
+    @property
+    def max_deliveries(self) -> int:
+        """Deliveries before an event goes to ``dead:<topic>`` (DeadLetterPolicy)."""
+        return self._max_deliveries
 
     async def connect(self) -> None:
         """Open the database file (shared with every transport on it in this process)."""
@@ -394,23 +433,21 @@ class HonkerDurableTransport(BaseTransport):
 
     async def send(self, event: Event, body: bytes) -> Event:
         store = self._holder.store or await self._holder.get()
-        [offset] = await store.append(self.stream, [(event.key, event.envelope(body).decode())])
+        [offset] = await store.append(self.stream, [(event.key, self._encode(event, body))])
         return event.with_offset(offset)
 
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         store = self._holder.store or await self._holder.get()
-        rows = [(event.key, event.envelope(body).decode()) for event, body in batch]
+        encode = self._encode
+        rows = [(event.key, encode(event, body)) for event, body in batch]
         offsets = await store.append(self.stream, rows)
         return [event.with_offset(o) for (event, _), o in zip(batch, offsets, strict=True)]
 
-    async def _bury(
-        self, topic: str, payload: Any, headers: dict[str, str], offset: int, consumer: str | None
-    ) -> Event:
-        """Append a dead letter for the event of ``topic`` at ``offset``."""
-        event, text = dead_letter(topic, payload, headers, offset, consumer, self.origin)
+    async def write_dead_letter(self, letter: Event, body: bytes) -> Event:
+        """Append a dead letter built by ``alkpubsub.deadletter`` to the stream."""
         store = self._holder.store or await self._holder.get()
-        [dead_offset] = await store.append(self.stream, [(None, text)])
-        return event.with_offset(dead_offset)
+        [offset] = await store.append(self.stream, [(letter.key, self._encode(letter, body))])
+        return letter.with_offset(offset)
 
     def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
@@ -420,32 +457,54 @@ class HonkerDurableTransport(BaseTransport):
         )
 
     async def consumer_stats(self) -> list[ConsumerStat]:
-        """Each durable consumer of this stream: saved offset and lag (rows behind
-        the newest event, other topics included). Used by ``alkpubsub stats``."""
+        """Each durable consumer of this stream, alkpubsub's and honker's own
+        (``kind``): saved offset and lag (rows behind the newest event, other
+        topics included). Used by ``alkpubsub stats``."""
         store = self._holder.store or await self._holder.get()
-        offsets, head = await asyncio.to_thread(
-            lambda: (store.consumer_offsets(self.stream), store.stream_head(self.stream))
+        consumers, head = await asyncio.to_thread(
+            lambda: (store.consumers(self.stream), store.stream_head(self.stream))
         )
         return [
-            ConsumerStat(consumer=name, offset=offset, lag=max(head - offset, 0))
-            for name, offset in offsets.items()
+            ConsumerStat(c.name, c.offset, max(head - c.offset, 0), kind=c.kind) for c in consumers
         ]
 
     async def disconnect(self) -> None:
         self._holder.close()
 
 
+def _check_foreign_topic(topic: str | None, stream: str) -> str:
+    if topic is None:
+        return default_foreign_topic(stream)
+    try:
+        return validate_topic(topic)
+    except InvalidTopic as exc:
+        raise ConfigError(f"foreign_topic={topic[:60]!r} is not a topic: {exc}") from None
+
+
 class _Options(TransportOptions):
     stream: str = DEFAULT_STREAM
-    max_deliveries: int = Field(5, ge=1)
+    max_deliveries: int = Field(DEFAULT_MAX_DELIVERIES, ge=1)
     consumer_ttl: int = Field(30, ge=3)
     read_batch: int = Field(128, ge=1, le=10_000)
     notify_retention: float = Field(DEFAULT_NOTIFY_RETENTION, ge=0)
+    foreign: str = "adopt"
+    foreign_topic: str | None = None
+    format: str = "alkpubsub"
 
     @field_validator("stream")
     @classmethod
     def _stream(cls, value: str) -> str:
         return check_stream_name(value)
+
+    @field_validator("foreign")
+    @classmethod
+    def _foreign(cls, value: str) -> str:
+        return check_foreign_mode(value)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        return check_format(value)
 
 
 def from_url(url: str, settings: Settings | None = None) -> HonkerDurableTransport:
@@ -464,4 +523,7 @@ def from_url(url: str, settings: Settings | None = None) -> HonkerDurableTranspo
         read_batch=options.read_batch,
         origin=settings.origin if settings else None,
         notify_retention=options.notify_retention,
+        foreign=check_foreign_mode(options.foreign),
+        foreign_topic=options.foreign_topic,
+        format=check_format(options.format),
     )

@@ -2,8 +2,9 @@
 
 Shared by tests/test_nats.py, tests/test_nats_durable.py and the
 ``garbage_writer`` fixtures of tests/test_conformance_nats.py. Nothing here is
-what an alkpubsub publisher writes; a subscription to the topic must count each
-in ``stats.malformed`` (JetStream: and term or dead-letter it) and go on.
+what an alkpubsub publisher writes. A subscription to the topic must count each
+malformed one in ``stats.malformed`` (JetStream named consumers: and
+dead-letter it), adopt each foreign one as an event, and go on.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 from brokers import HOST
@@ -28,21 +29,33 @@ def envelope(topic: str, **override: Any) -> dict[str, Any]:
 
 
 def bad_bodies(topic: str) -> list[tuple[bytes, dict[str, str] | None]]:
-    """(body, NATS headers) pairs that are not a valid envelope on ``topic``'s subject."""
+    """(body, NATS headers) pairs on ``topic``'s subject that are malformed: not
+    UTF-8, an envelope of another topic (a spoof), or JSON that claims to be our
+    envelope (the ``alkpubsub`` key) and is not a valid one, or too large."""
     good = json.dumps(envelope(topic))
     return [
         (b"\xff\xfe\x80 not utf-8 \xc3\x28", None),
+        (json.dumps(envelope("other:topic")).encode(), None),  # the topic disagrees
+        (json.dumps(envelope(topic, id=5, headers=[1])).encode(), None),  # wrong field types
+        (good.replace('{"n": 1}', "9" * 100_000).encode(), None),  # a number far out of range
+        (good.replace('{"n": 1}', "[" * 100_000 + "]" * 100_000).encode(), None),  # too deep
+        (good[:-40].encode(), None),  # cut short
+        (b"x" * 1_040_000, None),  # larger than any payload we publish, within max_payload
+        # A binary CloudEvent without its required attributes.
+        (b"{}", {"ce-id": "1", "ce-specversion": "1.0"}),
+    ]
+
+
+def foreign_bodies() -> list[tuple[bytes, dict[str, str] | None]]:
+    """(body, NATS headers) pairs another program may write: JSON values and
+    UTF-8 text that are not our envelope. Adopted as events by default."""
+    return [
         (b"{not json", None),
         (b"", None),
         (b"null", None),
         (b"[1, 2, 3]", None),
         (b'{"hello": "world"}', None),  # JSON, not an envelope
-        (json.dumps(envelope("other:topic")).encode(), None),  # the topic disagrees
-        (json.dumps(envelope(topic, id=5, headers=[1])).encode(), None),  # wrong field types
-        (good.replace('{"n": 1}', "9" * 100_000).encode(), None),  # a number far out of range
-        (good.replace('{"n": 1}', "[" * 100_000 + "]" * 100_000).encode(), None),  # too deep
         (b"{" * 50_000, None),  # unterminated nesting
-        (b"x" * 1_040_000, None),  # larger than any envelope we publish, within max_payload
         # Headers that look like server status messages, on a data message.
         (b"{}", {"Status": "503", "Description": "No Responders"}),
         (b"null", {"Status": "404", "Nats-Msg-Id": ""}),
@@ -50,15 +63,24 @@ def bad_bodies(topic: str) -> list[tuple[bytes, dict[str, str] | None]]:
 
 
 def raw_frames(subject: str) -> list[bytes]:
-    """Protocol frames nats-py cannot send: headers that are not UTF-8."""
+    """Protocol frames nats-py cannot send: headers that are not UTF-8 (and a
+    body that is not either, so they are malformed, not foreign)."""
     frames = []
     for hdr in (b"NATS/1.0 \xff\xfe\r\n\r\n", b"NATS/1.0\r\nX-Bad: \xff\xfe\x80\r\n\r\n"):
-        body = b"{not json"
+        body = b"\xff{not json"
         frames.append(
             b"HPUB %s %d %d\r\n%s%s\r\n"
             % (subject.encode(), len(hdr), len(hdr) + len(body), hdr, body)
         )
     return frames
+
+
+class Written(NamedTuple):
+    """What :func:`write_garbage` wrote: all, the malformed ones, the foreign ones."""
+
+    total: int
+    malformed: int
+    foreign: int
 
 
 def send_raw(port: int, frames: list[bytes]) -> None:
@@ -77,20 +99,22 @@ def send_raw(port: int, frames: list[bytes]) -> None:
             data += chunk
 
 
-async def write_garbage(url: str, port: int, subject: str, topic: str) -> int:
-    """Publish every bad body on ``subject`` (where ``topic`` is read) with nats-py
-    and the raw frames over a socket; return how many, once the server has them."""
+async def write_garbage(url: str, port: int, subject: str, topic: str) -> Written:
+    """Publish every bad and foreign body on ``subject`` (where ``topic`` is read)
+    with nats-py and the raw frames over a socket, once the server has them."""
     bodies = bad_bodies(topic)
+    foreign = foreign_bodies()
     frames = raw_frames(subject)
     await asyncio.to_thread(send_raw, port, frames)
     nc = await nats.connect(url)
     try:
-        for body, headers in bodies:
+        for body, headers in bodies + foreign:
             await nc.publish(subject, body, headers=headers)
         await nc.flush()
     finally:
         await nc.close()
-    return len(bodies) + len(frames)
+    malformed = len(bodies) + len(frames)
+    return Written(malformed + len(foreign), malformed, len(foreign))
 
 
 async def wait_stored(url: str, stream: str, count: int) -> None:

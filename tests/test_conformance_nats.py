@@ -33,7 +33,8 @@ class TestNatsConformance(TransportSuite):
         server = nats_server_session
 
         async def write(topic: str) -> int:
-            return await write_garbage(server.url, server.port, to_subject(prefix, topic), topic)
+            written = await write_garbage(server.url, server.port, to_subject(prefix, topic), topic)
+            return written.total
 
         return write
 
@@ -65,8 +66,8 @@ class TestNatsDurableConformance(TransportSuite):
                 await nc.close()
             # The stream's subjects are '<stream>.>': the stream name is the prefix.
             written = await write_garbage(server.url, server.port, to_subject(stream, topic), topic)
-            await wait_stored(server.url, stream, stored + written)
-            return written
+            await wait_stored(server.url, stream, stored + written.total)
+            return written.total
 
         return write
 

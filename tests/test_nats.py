@@ -141,12 +141,12 @@ async def test_malformed_message_is_counted_and_the_subscription_goes_on(
     raw = await nats.connect(nats_server_session.url)
     try:
         async with transport.subscribe("jobs:*") as sub:
-            await raw.publish(f"{prefix}.jobs.x", b"not an envelope")
+            await raw.publish(f"{prefix}.jobs.x", b"\xffnot an envelope, not UTF-8")
             await raw.flush()
             sent = await transport.publish("jobs:y", "good")
             [got] = await collect(sub, 1)
             assert got.id == sent.id
-            assert sub.stats.malformed == 1
+            await until_malformed(sub, 1)
     finally:
         await raw.close()
         await transport.close()
@@ -172,10 +172,12 @@ async def test_garbage_on_the_wire_is_counted_and_delivery_goes_on(
             await raw.publish(f"{prefix}.jobs.y", json.dumps(envelope("jobs:z")).encode())
             await raw.flush()
             sent = [(await transport.publish("jobs:x", i)).id for i in range(3)]
-            assert [e.id for e in await collect(exact, 3)] == sent
-            assert [e.id for e in await collect(wild, 3)] == sent
-            await until_malformed(exact, written)
-            await until_malformed(wild, written + 2)
+            for sub in (exact, wild):
+                got = await collect(sub, written.foreign + 3)
+                assert [e.id for e in got][-3:] == sent
+                assert [e.origin for e in got[:-3]] == ["foreign"] * written.foreign
+            await until_malformed(exact, written.malformed)
+            await until_malformed(wild, written.malformed + 2)
     finally:
         await raw.close()
         await transport.close()
@@ -233,7 +235,7 @@ def _raw_publish(port: int, subject: str, count: int) -> None:
         sock.recv(4096)  # INFO
         sock.sendall(
             b'CONNECT {"verbose":false}\r\n'
-            + b"".join(b"PUB %s 1\r\nx\r\n" % subject.encode() for _ in range(count))
+            + b"".join(b"PUB %s 1\r\n\xff\r\n" % subject.encode() for _ in range(count))
             + b"PING\r\n"
         )
         data = b""
@@ -257,7 +259,7 @@ async def test_slow_consumer_drops_are_counted(nats_server_session: NatsServer) 
                 while sub.stats.dropped + sub.stats.malformed < 100:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
             assert sub.stats.dropped == 90
-            assert sub.stats.malformed == 10  # the 'x' bodies that got through
+            assert sub.stats.malformed == 10  # the non-UTF-8 bodies that got through
     finally:
         await transport.close()
 

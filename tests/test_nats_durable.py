@@ -185,7 +185,7 @@ async def test_event_never_acked_goes_to_dead_letter_after_ack_wait(
     url = durable_url(nats_server_session, unique("S"), "ack_wait=0.3&max_deliveries=2")
     async with (
         await durable(url) as transport,
-        transport.subscribe("jobs:dead", consumer="morgue") as dead,
+        transport.subscribe("dead:jobs", consumer="morgue") as dead,
         transport.subscribe("jobs", consumer="worker") as sub,
     ):
         poison = await transport.publish("jobs", {"n": 1})
@@ -208,17 +208,22 @@ async def test_malformed_message_is_dead_lettered_with_its_raw_text(
     stream = unique("S")
     async with (
         await durable(durable_url(nats_server_session, stream)) as transport,
-        transport.subscribe("jobs:dead", consumer="morgue") as dead,
+        transport.subscribe("dead:jobs", consumer="morgue") as dead,
         transport.subscribe("jobs", consumer="worker") as sub,
     ):
-        await js.publish(f"{stream}.jobs", b"not an envelope")
+        ack = await js.publish(f"{stream}.jobs", b"\xffnot an envelope")
         good = await transport.publish("jobs", "fine")
         [got] = await collect_acking(sub, 1)
         assert got.id == good.id
         assert sub.stats.malformed == 1
         [buried] = await collect_acking(dead, 1)
-    assert buried.payload == {"raw": "not an envelope"}
+    assert buried.topic == "dead:jobs"
+    assert buried.payload == "\ufffdnot an envelope"
     assert "malformed" in buried.headers["x-dead-reason"]
+    assert buried.headers["x-dead-kind"] == "malformed"
+    assert buried.headers["x-original-topic"] == "jobs"
+    assert buried.headers["x-original-offset"] == str(ack.seq)
+    assert buried.headers["x-consumer"] == "worker"
 
 
 async def test_garbage_never_blocks_a_named_consumer(
@@ -232,18 +237,21 @@ async def test_garbage_never_blocks_a_named_consumer(
         transport.subscribe("jobs:*", consumer="worker") as sub,
     ):
         written = await write_garbage(server.url, server.port, f"{stream}.jobs.x", "jobs:x")
-        # A subject that is not UTF-8 is not a topic either: termed, not buried.
+        # A subject that is not UTF-8 is not a topic either: buried at dead:unknown.
         await asyncio.to_thread(
             send_raw, server.port, [b"PUB %s.jobs.\xff 2\r\nhi\r\n" % stream.encode()]
         )
-        await wait_stored(server.url, stream, written + 1)
+        await wait_stored(server.url, stream, written.total + 1)
         sent = [e.id for e in await transport.publish_many([("jobs:x", i) for i in range(3)])]
-        assert [e.id for e in await collect_acking(sub, 3)] == sent
-        await until_malformed(sub, written + 1)
+        got = await collect_acking(sub, written.foreign + 3)
+        assert [e.id for e in got][-3:] == sent
+        assert [e.origin for e in got[:-3]] == ["foreign"] * written.foreign
+        await until_malformed(sub, written.malformed + 1)
         async with asyncio.timeout(10):  # and nothing is left unacked on the consumer
             while (await js.consumer_info(stream, "worker")).num_ack_pending:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
-        assert sub.stats.dead_lettered == written  # each with its raw text, on jobs:x:dead
+        # Each with its raw text, on dead:jobs:x (and dead:unknown).
+        assert sub.stats.dead_lettered == written.malformed + 1
     assert (await js.consumer_info(stream, "worker")).num_pending == 0
 
 

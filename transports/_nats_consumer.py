@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from alkpubsub.capabilities import Start
 from alkpubsub.errors import ConfigError
+from alkpubsub.topics import compile_pattern
 
 from ._nats_common import escape_name
 
@@ -85,8 +86,10 @@ class Consumer:
             config.ack_wait = settings.ack_wait
             config.max_ack_pending = settings.max_ack_pending
             # One delivery past the limit, so a consumer that died holding the
-            # event still sees it and can dead-letter it.
-            config.max_deliver = settings.max_deliveries + 1
+            # event still sees it and can dead-letter it. Dead letters are never
+            # dead-lettered again but redelivered: no limit where they are read.
+            sees_dead = compile_pattern(self.pattern).sees_dead
+            config.max_deliver = -1 if sees_dead else settings.max_deliveries + 1
         else:
             config.name = self.name
             config.ack_policy = AckPolicy.NONE

@@ -27,11 +27,15 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from alkpubsub.capabilities import Start
+from alkpubsub.deadletter import should_dead_letter
 from alkpubsub.errors import ConnectionLost, PayloadError
 from alkpubsub.event import Event
+from alkpubsub.topics import is_dead_letter
 from alkpubsub.transport import Subscription
 
+from ._nats_common import to_topic
 from ._nats_consumer import Consumer
+from ._nats_decode import adopt, decode
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -155,21 +159,21 @@ class PullSubscription(Subscription):
             await self._answer(held[0].ack())
         await super().ack(event)
 
-    async def nack(self, event: Event, *, delay: float = 0) -> None:
-        """Deliver ``event`` again after ``delay`` s, or dead-letter it when this
-        was its ``max_deliveries``-th failed delivery."""
+    async def nack(self, event: Event, *, delay: float = 0, reason: str | None = None) -> None:
+        """Deliver ``event`` again after ``delay`` s, or dead-letter it (``reason``
+        as its ``x-dead-reason``) when this was its ``max_deliveries``-th failed
+        delivery. A dead letter is never dead-lettered again: it is redelivered."""
         held = self._unacked.pop(event.offset, None) if event.offset is not None else None
         if held is not None:
             self._made_room()
             msg = held[0]
             deliveries = msg.metadata.num_delivered
-            if deliveries >= self.transport.max_deliveries:
-                await self.transport.bury(
-                    self, event, msg, reason=f"nacked {deliveries} times", deliveries=deliveries
-                )
+            if should_dead_letter(event.topic, deliveries, self.transport.max_deliveries):
+                why = reason or f"nacked {deliveries} times"
+                await self.transport.bury(self, msg, event=event, reason=why, deliveries=deliveries)
             else:
                 await self._answer(msg.nak(delay=delay or None))
-        await super().nack(event, delay=delay)
+        await super().nack(event, delay=delay, reason=reason)
 
     def _made_room(self) -> None:
         # Wake the pull loop once half a batch is free, not on every ack: a
@@ -288,27 +292,33 @@ class PullSubscription(Subscription):
         meta = msg.metadata
         seq = meta.sequence.stream
         self.consumer_state.seen(seq)
-        try:
-            event = Event.from_json(msg.data, offset=seq)
-        except PayloadError as exc:
-            await self.transport.bury_malformed(self, msg, str(exc))
+        transport = self.transport
+        topic = to_topic(transport.prefix, msg.subject)
+        if topic is None:
+            await transport.bury_malformed(self, msg, None, "the subject is not a topic's")
             return
-        if self.transport.subject(event.topic) != msg.subject:
-            # Not ours: we store each event on its topic's subject.
-            detail = f"an event for {event.topic!r} on {msg.subject!r}"
-            await self.transport.bury_malformed(self, msg, detail)
-            return
-        if not self.pattern.matches(event.topic):
+        if not self.pattern.matches(topic):
+            # The consumer's filter is wider than the pattern: dead letters reach
+            # '>' (only patterns naming 'dead' first match them). Skipped, not malformed.
             if self.durable:
-                await msg.ack()  # the consumer's filter is wider than the pattern
+                await msg.ack()
+            return
+        try:
+            event = decode(msg.data, msg.headers, topic, offset=seq)
+            if event is None:
+                event = await self._foreign(msg, topic, seq)
+                if event is None:
+                    return
+        except PayloadError as exc:
+            await transport.bury_malformed(self, msg, topic, str(exc))
             return
         if self.durable:
-            if meta.num_delivered > self.transport.max_deliveries:
-                await self.transport.bury(
+            if should_dead_letter(event.topic, meta.num_delivered - 1, transport.max_deliveries):
+                await transport.bury(
                     self,
-                    event,
                     msg,
-                    reason=f"not acked within ack_wait={self.transport.options.ack_wait:g}s",
+                    event=event,
+                    reason=f"not acked within ack_wait={transport.options.ack_wait:g}s",
                     deliveries=meta.num_delivered - 1,
                 )
                 return
@@ -321,3 +331,24 @@ class PullSubscription(Subscription):
         if not await self.put(event) and self.durable:
             self._unacked.pop(seq, None)
             await msg.nak()
+
+    async def _foreign(self, msg: Msg, topic: str, seq: int) -> Event | None:
+        """A foreign message as an event (``foreign=adopt``), or None once it is
+        dead-lettered (``dead_letter``, named consumers) or counted and dropped."""
+        transport = self.transport
+        mode = transport.options.foreign
+        if mode == "adopt":
+            seed = f"{transport.stream}/{seq}"
+            return adopt(
+                msg.data, topic, seed=seed, offset=seq, published_at=msg.metadata.timestamp
+            )
+        if mode == "dead_letter" and self.durable and not is_dead_letter(topic):
+            await transport.bury(
+                self, msg, topic=topic, reason="foreign message (foreign=dead_letter)",
+                deliveries=msg.metadata.num_delivered,
+            )  # fmt: skip
+            return None
+        transport.report_malformed(self, "foreign", f"a foreign message on {msg.subject!r}")
+        if self.durable:
+            await msg.term()
+        return None

@@ -17,6 +17,7 @@ from alkpubsub.errors import PayloadError, PublishError
 
 from ._nats_common import too_big
 from ._nats_connection import NatsConnection
+from ._nats_decode import headers_size
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -27,6 +28,12 @@ MSG_ID_HEADER = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
 """Bytes of the NATS header block we send, besides the id itself."""
 EVENT_ID = 36
 """An event id (a UUID as text)."""
+
+
+def message_size(data: bytes, msg_id: str, headers: dict[str, str] | None) -> int:
+    """Bytes the server counts for a message: data plus the NATS header block."""
+    size = len(data) + MSG_ID_HEADER + len(msg_id)
+    return size + headers_size(headers) - 12 if headers else size
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +74,16 @@ class StreamWriter:
         self._max_message = self._conn.message_limit(stream_max_msg)
         return self._conn.payload_limit(MSG_ID_HEADER + EVENT_ID, stream_max_msg)
 
-    async def store(self, subject: str, data: bytes, msg_id: str) -> PubAck:
+    async def store(
+        self, subject: str, data: bytes, msg_id: str, headers: dict[str, str] | None = None
+    ) -> PubAck:
         """Publish to the stream and wait for its PubAck, retrying with the same
-        ``Nats-Msg-Id`` for up to ``publish_timeout``."""
-        if len(data) + MSG_ID_HEADER + len(msg_id) > self._max_message:
-            raise self._too_big(subject, len(data) + MSG_ID_HEADER + len(msg_id))
+        ``Nats-Msg-Id`` for up to ``publish_timeout``. ``headers`` are more NATS
+        headers (a binary CloudEvent's)."""
+        size = message_size(data, msg_id, headers)
+        if size > self._max_message:
+            raise self._too_big(subject, size)
+        hdrs = {"Nats-Msg-Id": msg_id, **headers} if headers else {"Nats-Msg-Id": msg_id}
         settings = self._settings
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.publish_timeout
@@ -85,19 +97,21 @@ class StreamWriter:
                 try:
                     self._check_open()
                     return await self._js().publish(
-                        subject,
-                        data,
-                        timeout=settings.publish_timeout + 1,
-                        headers={"Nats-Msg-Id": msg_id},
+                        subject, data, timeout=settings.publish_timeout + 1, headers=hdrs
                     )
                 finally:
                     self._attempts.discard(scope)
         except Exception as exc:
             first: Exception | None = exc
-        return await self._store_retrying(subject, data, msg_id, deadline, first)
+        return await self._store_retrying(subject, data, hdrs, deadline, first)
 
     async def _store_retrying(
-        self, subject: str, data: bytes, msg_id: str, deadline: float, first: Exception | None
+        self,
+        subject: str,
+        data: bytes,
+        hdrs: dict[str, str],
+        deadline: float,
+        first: Exception | None,
     ) -> PubAck:
         """:meth:`store` after its first attempt failed with ``first``."""
         import nats.errors as nerr
@@ -114,15 +128,13 @@ class StreamWriter:
                     raise exc
                 self._check_open()
                 async with self.attempt(min(left, settings.api_timeout)):
-                    return await self._js().publish(
-                        subject, data, timeout=left + 1, headers={"Nats-Msg-Id": msg_id}
-                    )
+                    return await self._js().publish(subject, data, timeout=left + 1, headers=hdrs)
             except nerr.ConnectionClosedError:
                 raise self._conn.lost_error() from None
             except nerr.OutboundBufferLimitError:
                 error: Exception = PublishError("the outbound buffer is full while disconnected")
             except nerr.MaxPayloadError:
-                raise self._too_big(subject, len(data) + MSG_ID_HEADER + len(msg_id)) from None
+                raise self._too_big(subject, len(data) + headers_size(hdrs)) from None
             except TimeoutError as exc:
                 error = exc  # no PubAck: server restarting, or a reconnect cut the wait
             except (NoStreamResponseError, nerr.NoRespondersError) as exc:
@@ -133,7 +145,7 @@ class StreamWriter:
                     await self._recreate_stream()
             except APIError as exc:
                 if exc.err_code == 10054:  # over the stream's max_msg_size (changed since)
-                    raise self._too_big(subject, len(data) + MSG_ID_HEADER + len(msg_id)) from None
+                    raise self._too_big(subject, len(data) + headers_size(hdrs)) from None
                 if exc.code != 503:
                     raise PublishError(
                         f"stream {settings.stream!r} refused the event on {subject!r}: {exc}"
@@ -157,25 +169,29 @@ class StreamWriter:
             )
         return too_big(subject, size, limit, "the NATS server's max_payload")
 
-    async def store_many(self, items: list[tuple[str, bytes, str]]) -> list[int]:
-        """Store ``(subject, data, msg_id)`` items in order, many PubAcks in
-        flight at once; return their stream sequences. Every item is checked
+    async def store_many(
+        self, items: list[tuple[str, bytes, str, dict[str, str] | None]]
+    ) -> list[int]:
+        """Store ``(subject, data, msg_id, headers)`` items in order, many PubAcks
+        in flight at once; return their stream sequences. Every item is checked
         against the size limits before any is sent."""
         import nats.errors as nerr
 
-        for subject, data, msg_id in items:
-            if len(data) + MSG_ID_HEADER + len(msg_id) > self._max_message:
-                raise self._too_big(subject, len(data) + MSG_ID_HEADER + len(msg_id))
+        for subject, data, msg_id, headers in items:
+            size = message_size(data, msg_id, headers)
+            if size > self._max_message:
+                raise self._too_big(subject, size)
         seqs: list[int] = []
         for start in range(0, len(items), _CHUNK):
             chunk = items[start : start + _CHUNK]
             futures: list[asyncio.Future[PubAck]] = []
             try:
                 publish_async = self._js().publish_async
-                for subject, data, msg_id in chunk:
-                    futures.append(
-                        await publish_async(subject, data, headers={"Nats-Msg-Id": msg_id})
+                for subject, data, msg_id, headers in chunk:
+                    hdrs = (
+                        {"Nats-Msg-Id": msg_id, **headers} if headers else {"Nats-Msg-Id": msg_id}
                     )
+                    futures.append(await publish_async(subject, data, headers=hdrs))
             except nerr.ConnectionClosedError:
                 raise self._conn.lost_error() from None
             except nerr.Error:
@@ -184,7 +200,7 @@ class StreamWriter:
                 with contextlib.suppress(TimeoutError):
                     async with self.attempt(self._settings.publish_timeout):
                         await asyncio.wait(futures)
-            for i, (subject, data, msg_id) in enumerate(chunk):
+            for i, (subject, data, msg_id, headers) in enumerate(chunk):
                 fut = futures[i] if i < len(futures) else None
                 if fut is not None and fut.done() and not fut.cancelled() and not fut.exception():
                     seqs.append(fut.result().seq)
@@ -192,7 +208,7 @@ class StreamWriter:
                     if fut is not None:
                         fut.cancel()  # frees nats-py's in-flight slot
                     # Same id: a copy that did arrive is dropped by the server.
-                    seqs.append((await self.store(subject, data, msg_id)).seq)
+                    seqs.append((await self.store(subject, data, msg_id, headers)).seq)
         return seqs
 
     @contextlib.asynccontextmanager

@@ -44,6 +44,7 @@ Transport Options
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -54,8 +55,16 @@ from alkpubsub.event import Event
 from alkpubsub.topics import Pattern
 from alkpubsub.transport import BaseTransport, Subscription
 
-from ._nats_common import NatsConnectionOptions, check_positive, check_prefix, to_subject, too_big
+from ._nats_common import (
+    NatsConnectionOptions,
+    check_positive,
+    check_prefix,
+    to_subject,
+    to_topic,
+    too_big,
+)
 from ._nats_connection import NatsConnection
+from ._nats_decode import Foreign, Format, adopt, decode, encode, headers_size
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -67,6 +76,8 @@ class NatsOptions(NatsConnectionOptions):
 
     prefix: str = "alk"
     pending_limit: int = 524288
+    format: Format = "alkpubsub"
+    foreign: Foreign = "adopt"
 
 
 class NatsSubscription(Subscription):
@@ -131,19 +142,29 @@ class NatsTransport(BaseTransport):
     # -- publishing --------------------------------------------------------
 
     async def send(self, event: Event, body: bytes) -> Event:
-        await self._send(self.subject(event.topic), event.envelope(body))
+        if self.options.format == "alkpubsub":
+            await self._send(self.subject(event.topic), event.envelope(body))
+        else:
+            await self._send(self.subject(event.topic), *encode(event, body, self.options.format))
         return event
 
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         for event, body in batch:
-            await self._send(self.subject(event.topic), event.envelope(body))
+            await self.send(event, body)
         return [event for event, _ in batch]
 
-    async def _send(self, subject: str, data: bytes) -> None:
+    async def _send(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         if self._lost_error is not None:
             raise self._lost_error
+        if headers is not None:
+            # nats-py checks only the body against max_payload; the server counts
+            # the headers too, and would close the connection.
+            size = len(data) + headers_size(headers)
+            if size > self._conn.message_limit():
+                limit = self._conn.message_limit()
+                raise too_big(subject, size, limit, "the NATS server's max_payload")
         try:
-            await self._conn.nc.publish(subject, data)
+            await self._conn.nc.publish(subject, data, headers=headers)
         except Exception as exc:
             # Imported here, off the happy path: an import statement per
             # publish costs ~1 us, a tenth of our overhead over nats-py.
@@ -219,20 +240,31 @@ class NatsTransport(BaseTransport):
         matches = group.pattern.matches
         report = self.report_malformed
         prefix = self.prefix
+        foreign = self.options.foreign
 
         async def on_message(msg: Msg) -> None:
+            topic = to_topic(prefix, msg.subject)
+            if topic is None:
+                for sub in group.subs:
+                    report(sub, "subject", f"{msg.subject!r} is not a topic's subject")
+                return
+            if not matches(topic):
+                # Dead letters (a JetStream stream on our prefix) reach '>' too:
+                # only patterns naming 'dead' first match them.
+                return
             try:
-                event = Event.from_json(msg.data)
+                event = decode(msg.data, msg.headers, topic)
+                if event is None:
+                    if foreign != "adopt":
+                        # No dead letters on nats://: foreign=dead_letter drops too.
+                        for sub in group.subs:
+                            report(sub, "foreign", f"a foreign message on {msg.subject!r}")
+                        return
+                    seed = f"{msg.subject}/{hashlib.sha256(msg.data).hexdigest()}"
+                    event = adopt(msg.data, topic, seed=seed)
             except PayloadError as exc:
                 for sub in group.subs:
                     report(sub, "envelope", f"on {msg.subject!r}: {exc}")
-                return
-            if to_subject(prefix, event.topic) != msg.subject:
-                # Not ours: we publish each event on its topic's subject.
-                for sub in group.subs:
-                    report(sub, "topic", f"an event for {event.topic!r} on {msg.subject!r}")
-                return
-            if not matches(event.topic):
                 return
             for sub in group.subs:
                 sub.push(event)

@@ -71,12 +71,13 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
-from alkpubsub.abilities import ConsumerStat
+from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import ParsedUrl, Settings, parse_options, parse_url
-from alkpubsub.errors import ConfigError, ConnectionLost, InvalidTopic, PayloadError, PublishError
+from alkpubsub.deadletter import dead_letter
+from alkpubsub.errors import ConfigError, ConnectionLost, PayloadError, PublishError
 from alkpubsub.event import Event
-from alkpubsub.topics import dead_letter_topic, validate_topic
+from alkpubsub.topics import is_dead_letter
 from alkpubsub.transport import BaseTransport, Subscription
 
 from ._nats_common import (
@@ -84,10 +85,10 @@ from ._nats_common import (
     check_positive,
     check_prefix,
     to_subject,
-    to_topic,
 )
 from ._nats_connection import NatsConnection
 from ._nats_consumer import ConsumerSettings
+from ._nats_decode import Foreign, Format, encode
 from ._nats_pull import PullSubscription
 from ._nats_store import StreamWriter, WriterSettings
 
@@ -98,7 +99,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("alkpubsub.nats")
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
-_RAW_KEPT = 65_536  # characters of a malformed message's text kept in its dead letter
 
 
 class NatsDurableOptions(NatsConnectionOptions):
@@ -119,6 +119,8 @@ class NatsDurableOptions(NatsConnectionOptions):
     fetch_timeout: float = 5
     publish_timeout: float = 10
     api_timeout: float = 5
+    format: Format = "alkpubsub"
+    foreign: Foreign = "adopt"
 
 
 class NatsDurableTransport(BaseTransport):
@@ -145,7 +147,9 @@ class NatsDurableTransport(BaseTransport):
         self.stream = options.stream
         self.subjects = options.subjects or f"{options.stream}.>"
         self.prefix = check_prefix(self.subjects[:-2], "subjects")
-        self.max_deliveries = options.max_deliveries or (settings.max_deliveries if settings else 5)
+        self._max_deliveries = options.max_deliveries or (
+            settings.max_deliveries if settings else DEFAULT_MAX_DELIVERIES
+        )
         self._conn = NatsConnection(
             url, options, settings, label=self.name, on_lost=self._lost, on_reconnect=self._healed
         )
@@ -155,7 +159,7 @@ class NatsDurableTransport(BaseTransport):
         self.consumer_settings = ConsumerSettings(
             label=self.name, stream=self.stream, subjects=self.subjects,
             ack_wait=options.ack_wait, max_ack_pending=options.max_ack_pending,
-            prefetch=options.prefetch, max_deliveries=self.max_deliveries,
+            prefetch=options.prefetch, max_deliveries=self._max_deliveries,
             inactive_threshold=options.reconnect_timeout + 30,
         )  # fmt: skip
         self._writer = StreamWriter(
@@ -179,6 +183,11 @@ class NatsDurableTransport(BaseTransport):
         with self._conn.translate(f"setting up stream {self.stream!r}"):
             await self.ensure_stream()
         self.max_payload_bytes = self._writer.fit(self._stream_max_msg)
+
+    @property
+    def max_deliveries(self) -> int:
+        """Failed deliveries of an event before it is dead-lettered (DeadLetterPolicy)."""
+        return self._max_deliveries
 
     @property
     def js(self) -> JetStreamContext:
@@ -243,68 +252,88 @@ class NatsDurableTransport(BaseTransport):
     # -- publishing ----------------------------------------------------------
 
     async def send(self, event: Event, body: bytes) -> Event:
-        ack = await self._writer.store(self.subject(event.topic), event.envelope(body), event.id)
+        subject = self.subject(event.topic)
+        if self.options.format == "alkpubsub":
+            ack = await self._writer.store(subject, event.envelope(body), event.id)
+        else:
+            data, headers = encode(event, body, self.options.format)
+            ack = await self._writer.store(subject, data, event.id, headers)
         return event.with_offset(ack.seq)
 
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
-        items = [(self.subject(e.topic), e.envelope(b), e.id) for e, b in batch]
-        seqs = await self._writer.store_many(items)
+        fmt = self.options.format
+        items = [(self.subject(e.topic), *encode(e, b, fmt), e.id) for e, b in batch]
+        seqs = await self._writer.store_many([(s, d, i, h) for s, d, h, i in items])
         return [event.with_offset(seq) for (event, _), seq in zip(batch, seqs, strict=True)]
 
     # -- dead letters ----------------------------------------------------------
 
     async def bury(
-        self, sub: Subscription, event: Event, msg: Msg, *, reason: str, deliveries: int
+        self,
+        sub: Subscription,
+        msg: Msg,
+        *,
+        reason: str,
+        deliveries: int,
+        event: Event | None = None,
+        topic: str | None = None,
     ) -> None:
-        """Publish ``event`` to ``<topic>:dead`` with why, then ack the original."""
-        consumer = sub.consumer or ""
-        headers = {
-            **event.headers,
-            "x-dead-reason": reason,
-            "x-deliveries": str(deliveries),
-            "x-original-id": event.id,
-            "x-original-offset": str(event.offset),
-            "x-consumer": consumer,
-        }
+        """Store the dead letter of ``event`` (or of the raw message, arrived on
+        ``topic``) at ``dead:<topic>`` (:func:`alkpubsub.deadletter.dead_letter`),
+        then ack the original. Its id is deterministic and is its ``Nats-Msg-Id``:
+        burying again after a crash is deduplicated by the server."""
+        seq = msg.metadata.sequence.stream
+        letter, body = dead_letter(
+            topic=event.topic if event is not None else topic or "",
+            reason=reason,
+            origin=self.origin,
+            event=event,
+            raw=None if event is not None else msg.data,
+            deliveries=deliveries,
+            consumer=sub.consumer,
+            offset=seq,
+        )
+        subject = self.subject(letter.topic)
         try:
-            topic = validate_topic(dead_letter_topic(event.topic))
-            dead, body = Event.create(topic, event.payload, origin=self.origin, headers=headers)
-            await self._writer.store(
-                self.subject(topic), dead.envelope(body), f"{event.id}:dead:{consumer}"
-            )
-        except (InvalidTopic, PayloadError) as exc:
-            log.error("%s: cannot dead-letter %s, dropping it: %s", self.name, event.id, exc)
-            await msg.term()
-            return
-        except (PublishError, ConnectionLost) as exc:
+            try:
+                await self._writer.store(subject, letter.envelope(body), letter.id)
+            except PayloadError:
+                # Too large for the stream with its reasons: keep the reasons.
+                letter = letter.model_copy(
+                    update={
+                        "payload": None,
+                        "headers": {**letter.headers, "x-dead-payload": "dropped: too large"},
+                    }
+                )
+                await self._writer.store(subject, letter.envelope(b"null"), letter.id)
+        except (PublishError, ConnectionLost, PayloadError) as exc:
             # Left unacked: redelivered after ack_wait and buried then.
-            log.error("%s: cannot dead-letter %s (%s); will retry", self.name, event.id, exc)
+            log.error("%s: cannot dead-letter %s (%s); will retry", self.name, seq, exc)
             return
         await msg.ack()
         sub.stats.dead_lettered += 1
         self._conn.log_once(
-            "dead", "%s: %s went to %s (%s)", self.name, event.id, dead_letter_topic(event.topic),
-            reason,
+            "dead", "%s: stream sequence %s went to %s (%s)", self.name, seq, letter.topic,
+            letter.headers["x-dead-reason"],
         )  # fmt: skip
 
-    async def bury_malformed(self, sub: Subscription, msg: Msg, detail: str) -> None:
-        """Count a message that is not an event; dead-letter its raw text when named."""
-        self.report_malformed(sub, "envelope", f"on {msg.subject!r}: {detail}")
+    async def bury_malformed(
+        self, sub: Subscription, msg: Msg, topic: str | None, detail: str, kind: str = "envelope"
+    ) -> None:
+        """Count a message that is not an event; dead-letter its raw text when named.
+        ``topic`` is the topic of the subject it arrived on (None: not a topic's)."""
+        self.report_malformed(sub, kind, f"on {msg.subject!r}: {detail}")
         if sub.consumer is None:
             return
-        topic = to_topic(self.prefix, msg.subject)
-        if topic is not None:
-            raw = msg.data.decode(errors="replace")
-            if len(raw) > _RAW_KEPT:  # so that the dead letter fits where this did
-                detail += f" (its first {_RAW_KEPT} of {len(msg.data)} bytes kept)"
-            fake = Event.model_validate(
-                {"id": f"malformed-{msg.metadata.sequence.stream}", "topic": topic,
-                 "payload": {"raw": raw[:_RAW_KEPT]},
-                 "published_at": msg.metadata.timestamp, "offset": msg.metadata.sequence.stream}
-            )  # fmt: skip
-            await self.bury(sub, fake, msg, reason=f"malformed envelope: {detail}", deliveries=1)
-        else:
+        if topic is not None and is_dead_letter(topic):
+            # A dead letter is never dead-lettered again; garbage on a dead-letter
+            # subject can never become an event: end it (counted, logged).
             await msg.term()
+            return
+        await self.bury(
+            sub, msg, reason=f"malformed: {detail}", deliveries=msg.metadata.num_delivered,
+            topic=topic,
+        )  # fmt: skip
 
     # -- subscribing -----------------------------------------------------------
 

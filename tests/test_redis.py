@@ -19,7 +19,7 @@ from brokers import HOST, RedisServer, free_port
 from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis_garbage import publish_garbage
+from redis_garbage import foreign_bodies, publish_garbage
 
 import alkpubsub
 from alkpubsub import Closed, ConfigError, ConnectionLost, Event, Settings, Subscription
@@ -128,7 +128,8 @@ async def test_malformed_message_is_counted_and_the_subscription_goes_on(
     topic = unique()
     async with transport.subscribe(topic) as sub:
         channel = transport.options.prefix + topic
-        redis_server_session.call("PUBLISH", channel, "not an envelope")
+        # It claims to be an envelope (the version key) and is not one.
+        redis_server_session.call("PUBLISH", channel, '{"alkpubsub": 1, "id": 5}')
         good = await transport.publish(topic, "fine")
         assert (await sub.get(5)).id == good.id
         assert sub.stats.malformed == 1
@@ -551,6 +552,9 @@ async def test_garbage_on_subscribed_channels_never_stops_delivery(
         await client.aclose()
         good = await transport.publish(topic, "still here")
         for sub in (exact, wild, everything):
+            adopted = [await sub.get(5) for _ in foreign_bodies()]
+            assert {e.origin for e in adopted} == {"foreign"}
+            assert {e.topic for e in adopted} == {topic}
             assert (await sub.get(5)).id == good.id
             assert sub.stats.malformed == written
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from brokers import RedisServer
-from redis_garbage import add_garbage
+from redis_garbage import add_garbage, foreign_entries
 
 import alkpubsub
 from alkpubsub import ConfigError, ConnectionLost, Event, Settings
@@ -161,14 +161,17 @@ async def test_malformed_entries_are_counted_and_dead_lettered(
         transport.subscribe(dead_letter_topic(topic), consumer=unique("d")) as dead,
     ):
         redis_server_session.call("XADD", stream, "*", "topic", topic, "event", "{garbage")
+        # Foreign (no event field) and on the stream's own topic: not this group's.
         redis_server_session.call("XADD", stream, "*", "no-topic", "at all")
         good = await transport.publish(topic, "fine")
         [event] = await collect_acking(sub, 1)
         assert event.id == good.id
-        assert sub.stats.malformed == 2  # the bad envelope and the entry without a topic
+        assert sub.stats.malformed == 1  # the bad envelope
         [buried] = await collect_acking(dead, 1)
         assert buried.payload == "{garbage"
         assert buried.headers["x-dead-reason"].startswith("malformed")
+        assert buried.headers["x-dead-kind"] == "malformed"
+        assert buried.headers["x-original-topic"] == topic
         assert sub.stats.dead_lettered == 1
 
 
@@ -271,19 +274,29 @@ async def test_garbage_entries_never_block_the_group(
     async with (
         transport.subscribe(topic, consumer=unique("c"), start="earliest") as named,
         transport.subscribe(topic, start="earliest") as anonymous,
-        transport.subscribe(f"{topic}:dead", consumer=unique("d"), start="earliest") as dead,
+        transport.subscribe(dead_letter_topic(topic), consumer=unique("d")) as dead,
+        transport.subscribe("dead:unknown", consumer=unique("d")) as unknown,
     ):
         written = await add_garbage(url, stream, topic)
+        adopted = len(foreign_entries(topic))
         good = [await transport.publish(topic, i) for i in range(3)]
         for sub in (named, anonymous):
-            got = await collect_acking(sub, 3)
-            assert [e.id for e in got] == [e.id for e in good]
+            got = await collect_acking(sub, adopted + 3)
+            assert [e.id for e in got[adopted:]] == [e.id for e in good]
+            assert all(e.origin == "foreign" for e in got[:adopted])
             assert sub.stats.malformed == written
             await nothing_more(sub)
-        # Entries with this topic are dead-lettered; those without one acked away.
-        buried = await collect_acking(dead, named.stats.dead_lettered)
-        assert all(e.headers["x-dead-reason"].startswith("malformed") for e in buried)
-        assert named.stats.dead_lettered == written - 5  # five have no topic or no event
+        # A named consumer dead-letters every malformed entry it was given, under
+        # its topic, or under dead:unknown when the entry names no valid topic (2).
+        assert named.stats.dead_lettered == written
+        assert anonymous.stats.dead_lettered == 0  # no consumer to dead-letter for
+        buried = await collect_acking(dead, written - 2)
+        lost = await collect_acking(unknown, 2)
+        for letter in buried + lost:
+            assert letter.headers["x-dead-reason"].startswith("malformed")
+            assert letter.headers["x-dead-kind"] == "malformed"
+            assert letter.headers["x-consumer"] == named.consumer
+        await nothing_more(dead)
     assert pending(redis_server_session, stream, named.consumer or "") == []
 
 

@@ -14,7 +14,7 @@ this module says *how*, in Redis terms:
 * close: every owned entry moves to the parking member ``alk.released`` with an
   idle time that makes it claimable at once (``RETRYCOUNT`` gives back the
   delivery of entries the app never saw), then ``XGROUP DELCONSUMER``;
-* dead letter: ``XADD <topic>:dead`` and ``XACK`` in one ``MULTI``.
+* dead letter: ``XADD`` of a ``dead:<topic>`` entry and ``XACK`` in one ``MULTI``.
 """
 
 from __future__ import annotations
@@ -161,9 +161,11 @@ class GroupMember:
         """Delete the whole group (a private, anonymous one)."""
         await self.io.xgroup_destroy(self.stream, self.group)
 
-    async def bury(self, entry_id: bytes, dead_fields: dict[Any, Any]) -> None:
-        """Add ``dead_fields`` to the stream and ack ``entry_id``, atomically."""
+    async def bury(self, entry_id: bytes, dead_fields: tuple[bytes, ...]) -> None:
+        """Add the entry ``dead_fields`` (field/value pairs) to the stream and
+        ack ``entry_id``, atomically."""
         pipe = self.io.pipeline(transaction=True)
-        pipe.xadd(self.stream, dead_fields, **self.trim)
+        pairs = dict(zip(dead_fields[::2], dead_fields[1::2], strict=True))
+        pipe.xadd(self.stream, pairs, **self.trim)  # type: ignore[arg-type]
         pipe.xack(self.stream, self.group, entry_id)
         await pipe.execute()

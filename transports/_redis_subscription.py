@@ -20,9 +20,9 @@ from uuid import uuid4
 
 from redis import exceptions as rex
 
-from alkpubsub.errors import ConnectionLost, InvalidTopic, PayloadError
+from alkpubsub.deadletter import dead_letter, should_dead_letter
+from alkpubsub.errors import ConnectionLost, PayloadError
 from alkpubsub.event import Event
-from alkpubsub.topics import dead_letter_topic, validate_topic
 from alkpubsub.transport import Subscription
 
 from ._redis_common import (
@@ -34,6 +34,7 @@ from ._redis_common import (
     stop_tasks,
     translate,
 )
+from ._redis_decode import read_entry
 from ._redis_group import GroupMember
 
 if TYPE_CHECKING:
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("alkpubsub.redis")
 
 BLOCK_MS = 5000  # one XREADGROUP waits this long for new entries
-_RAW_KEPT = 65536  # bytes of a malformed entry's text its dead letter keeps
 
 
 @dataclass(slots=True)
@@ -58,8 +58,6 @@ class RedisStreamSubscription(Subscription):
     """One member of a consumer group on the transport's stream. Three tasks:
     the reader (new entries), the claimer (due entries: nacked or a crashed
     member's) and the keeper (flushes acks, schedules nacks, keeps held entries)."""
-
-    overflow = "pause"
 
     transport: RedisDurableTransport
     overflow = "pause"
@@ -80,6 +78,7 @@ class RedisStreamSubscription(Subscription):
         self._deferred: dict[int, tuple[_Held, float]] = {}  # nacked: due (loop time)
         self._nacked: dict[bytes, float] = {}  # nacked, claimable when due (loop time)
         self._acks: list[bytes] = []
+        self._reasons: dict[bytes, str] = {}  # the last nack's reason, by entry id
         self._keep_wake = asyncio.Event()
         self._claim_wake = asyncio.Event()
         # Set after the claimer's first pass: entries parked by a member that
@@ -202,72 +201,80 @@ class RedisStreamSubscription(Subscription):
         offset = id_to_offset(entry_id)
         if offset in self._held:
             return True  # already ours (claimed back while still buffered)
-        raw_topic, data = fields.get(b"topic", b""), fields.get(b"event")
-        try:
-            topic = validate_topic(raw_topic.decode(errors="replace"))
-        except InvalidTopic:
-            topic = ""
-        if not topic or data is None:
-            t.report_malformed(self, "entry", f"entry {entry_id!r} has no valid topic/event field")
-        if not topic or data is None or not self.pattern.matches(topic):
-            self._acks.append(entry_id)  # not for this group: skip it for good
-            self._keep_wake.set()
-            return True
+        entry = read_entry(
+            fields, entry_id=entry_id, offset=offset, stream=t.stream, stream_topic=t.stream_topic
+        )
+        topic = entry.topic
+        if topic is not None and not self.pattern.matches(topic):
+            # Not for this group (dead letters included, unless the pattern
+            # names ``dead`` first): skip it for good, silently.
+            return self._skip(entry_id)
         held = _Held(entry_id, deliveries)
-        try:
-            event = Event.from_json(data, offset=offset)
-            if event.topic != topic:
-                raise PayloadError(f"its envelope is for {event.topic!r}")
-        except (PayloadError, ValueError, RecursionError) as exc:
-            t.report_malformed(self, "envelope", f"entry {entry_id!r} on {topic!r}: {exc}")
-            # Keep the start of the raw text for inspection; garbage can be any size.
-            raw = data[:_RAW_KEPT].decode(errors="replace")
-            cut = f" (first {_RAW_KEPT} of {len(data)} bytes kept)" if len(data) > _RAW_KEPT else ""
-            return await self._bury(held, topic, raw, f"malformed: {exc}{cut}")
+        if entry.decoded is None:
+            where = f"on {topic!r}" if topic else "with no valid topic"
+            t.report_malformed(self, "entry", f"entry {entry_id!r} {where}: {entry.error}")
+            if self.consumer is None or self.pattern.sees_dead:
+                # No consumer to dead-letter for; and a dead-letter reader never
+                # writes dead letters (no chains).
+                return self._skip(entry_id)
+            reason = f"malformed: {entry.error}"
+            return await self._bury(held, topic or "", reason, raw=entry.raw)
+        event = entry.decoded.event
+        assert topic is not None
+        if entry.decoded.foreign and t.options.foreign != "adopt":
+            if t.options.foreign == "dead_letter" and self.consumer is not None:
+                return await self._bury(held, topic, "foreign message (foreign=dead_letter)", event)
+            t.report_malformed(self, "foreign", f"entry {entry_id!r} on {topic!r} is foreign")
+            return self._skip(entry_id)
         self._nacked.pop(entry_id, None)
-        if deliveries > t.max_deliveries:
-            reason = f"not acked after {deliveries - 1} deliveries"
-            return await self._bury(held, topic, event.payload, reason, event, deliveries - 1)
+        if should_dead_letter(topic, deliveries - 1, t.max_deliveries):
+            failed = deliveries - 1
+            reason = self._reasons.pop(entry_id, None) or f"not acked in {failed} deliveries"
+            return await self._bury(held, topic, reason, event, deliveries=deliveries - 1)
         if deliveries > 1:
             self.stats.redelivered += 1
         self._held[offset] = held
         async with self._put_lock:
             return await self.put(event)
 
+    def _skip(self, entry_id: bytes) -> bool:
+        self._acks.append(entry_id)
+        self._keep_wake.set()
+        return True
+
     async def _bury(
         self,
         held: _Held,
         topic: str,
-        payload: Any,
         reason: str,
         event: Event | None = None,
-        failed: int | None = None,
+        *,
+        raw: bytes | None = None,
+        deliveries: int | None = None,
     ) -> bool:
-        """Dead-letter the entry to ``<topic>:dead`` (and ack it); False once failed."""
+        """Dead-letter the entry to ``dead:<topic>`` (and ack it); False once failed."""
         t = self.transport
-        headers = {
-            **(event.headers if event else {}),
-            "x-dead-reason": reason[:500],
-            "x-deliveries": str(held.deliveries if failed is None else failed),
-            "x-original-offset": str(id_to_offset(held.entry_id)),
+        common: dict[str, Any] = {
+            "topic": topic,
+            "origin": t.origin,
+            "deliveries": held.deliveries if deliveries is None else deliveries,
+            "consumer": self.consumer,
+            "offset": id_to_offset(held.entry_id),
         }
-        if event is not None:
-            headers["x-original-id"] = event.id
         try:
-            dead, body = Event.create(
-                dead_letter_topic(topic), payload, origin=t.origin, headers=headers
-            )
+            dead, body = dead_letter(reason=reason, event=event, raw=raw, **common)
         except PayloadError as exc:
-            # Not publishable as it is (an entry written around the publish
-            # checks, e.g. over the size limit): keep the reason, not the payload.
-            headers = {k: v for k, v in headers.items() if k.startswith("x-")}
-            headers["x-dead-reason"] = f"{reason[:300]}; payload not kept: {exc}"[:500]
-            dead, body = Event.create(
-                dead_letter_topic(topic), None, origin=t.origin, headers=headers
-            )
+            # Not publishable as it is (written around the publish checks):
+            # keep the reason and the text, not the payload.
+            text = event.model_dump_json() if event is not None else raw
+            why = f"{reason}; payload not kept: {exc}"
+            dead, body = dead_letter(reason=why, raw=text, **common)
+            if event is not None:
+                dead = dead.with_headers(**{"x-original-id": event.id})
+        self._reasons.pop(held.entry_id, None)
         while True:
             try:
-                await self.group.bury(held.entry_id, t._fields(dead, body))
+                await self.group.bury(held.entry_id, t.entry_fields(dead, body))
             except CONNECTION_ERRORS as exc:
                 if not self._gone("dead", exc):
                     return False
@@ -290,7 +297,9 @@ class RedisStreamSubscription(Subscription):
         """Mark ``event`` processed; the XACK goes out with others right away."""
         await super().ack(event)
         held = self._held.pop(event.offset or 0, None)
-        self._acks.append(held.entry_id if held else offset_to_id(event.offset or 0).encode())
+        entry_id = held.entry_id if held else offset_to_id(event.offset or 0).encode()
+        self._reasons.pop(entry_id, None)
+        self._acks.append(entry_id)
         if not self.closed:
             self._keep_wake.set()
             return
@@ -299,18 +308,22 @@ class RedisStreamSubscription(Subscription):
         except CONNECTION_ERRORS as exc:
             raise translate(exc, self.transport.target, "acking") from None
 
-    async def nack(self, event: Event, *, delay: float = 0) -> None:
-        """Hand ``event`` back for redelivery (to any member) after ``delay`` s."""
-        await super().nack(event, delay=delay)
+    async def nack(self, event: Event, *, delay: float = 0, reason: str | None = None) -> None:
+        """Hand ``event`` back for redelivery (to any member) after ``delay`` s.
+        On its last allowed delivery it is dead-lettered instead, with ``reason``
+        as ``x-dead-reason``; a dead letter is always redelivered."""
+        await super().nack(event, delay=delay, reason=reason)
         held = self._held.pop(event.offset or 0, None)
         if held is None:
             return
         limit = self.transport.max_deliveries
-        if held.deliveries >= limit:
+        why = reason or f"nacked on delivery {held.deliveries} of {limit}"
+        if should_dead_letter(event.topic, held.deliveries, limit):
             # The last allowed delivery failed: bury it now rather than after a redelivery.
-            reason = f"nacked on delivery {held.deliveries} of {limit}"
-            await self._bury(held, event.topic, event.payload, reason, event)
+            await self._bury(held, event.topic, why, event)
             return
+        if reason is not None:
+            self._reasons[held.entry_id] = reason  # if it is claimed once too often
         due = asyncio.get_running_loop().time() + max(0.0, delay)
         self._deferred[event.offset or 0] = (held, due)
         self._keep_wake.set()

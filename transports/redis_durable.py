@@ -61,15 +61,18 @@ Transport Options
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from redis import exceptions as rex
 
-from alkpubsub.abilities import ConsumerStat
+from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat
 from alkpubsub.capabilities import Capabilities, Start
+from alkpubsub.cloudevents import to_binary, to_structured
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
+from alkpubsub.errors import InvalidTopic
 from alkpubsub.event import Event
+from alkpubsub.topics import validate_topic
 from alkpubsub.transport import BaseTransport, Subscription
 
 from ._redis_common import (
@@ -90,7 +93,9 @@ class RedisDurableOptions(TransportOptions):
     stream: str = Field("events", pattern=r"^[A-Za-z0-9_.:\-]{1,200}$")
     maxlen: int = Field(1_000_000, ge=0)
     claim_idle: float = Field(30.0, gt=0)
-    max_deliveries: int = Field(5, ge=1)
+    max_deliveries: int = Field(DEFAULT_MAX_DELIVERIES, ge=1)
+    format: Literal["alkpubsub", "cloudevents", "cloudevents-binary"] = "alkpubsub"
+    foreign: Literal["adopt", "dead_letter", "drop"] = "adopt"
     batch: int = Field(100, ge=1, le=10_000)
     reconnect_timeout: float = Field(30.0, ge=0)
     connect_timeout: float = Field(5.0, gt=0)
@@ -124,14 +129,18 @@ class RedisDurableTransport(BaseTransport):
         self.target = target
         self.options = options
         self.stream = options.stream
-        self.max_deliveries = max_deliveries or options.max_deliveries
+        self._max_deliveries = max_deliveries or options.max_deliveries
+        try:
+            self.stream_topic: str | None = validate_topic(options.stream)
+        except InvalidTopic:
+            self.stream_topic = None  # entries without a topic field then name none
         self._claim_ms = int(options.claim_idle * 1000)
         self._claim_every = min(1.0, options.claim_idle / 2)
         self._trim: dict[str, Any] = (
             {"maxlen": options.maxlen, "approximate": True} if options.maxlen else {}
         )
         trim = (b"MAXLEN", b"~", str(options.maxlen).encode()) if options.maxlen else ()
-        self._xadd_head = (b"XADD", self.stream.encode(), *trim, b"*", b"topic")
+        self._xadd_head = (b"XADD", self.stream.encode(), *trim, b"*")
         self._client = target.client(retries=2, connect_timeout=options.connect_timeout)
         self._io = target.client(
             retries=0, connect_timeout=options.connect_timeout, read_timeout=BLOCK_MS / 1000 + 10
@@ -150,14 +159,32 @@ class RedisDurableTransport(BaseTransport):
             raise
         self._connected = True
 
-    @staticmethod
-    def _fields(event: Event, body: bytes) -> dict[Any, Any]:
-        return {"topic": event.topic, "event": event.envelope(body)}
+    @property
+    def max_deliveries(self) -> int:
+        """Deliveries of one event before it is dead-lettered (DeadLetterPolicy)."""
+        return self._max_deliveries
+
+    def entry_fields(self, event: Event, body: bytes) -> tuple[bytes, ...]:
+        """The stream entry of ``event`` as field/value pairs, in ``format``."""
+        topic = event.topic.encode()
+        if self.options.format == "alkpubsub":
+            return (b"topic", topic, b"event", event.envelope(body))
+        if self.options.format == "cloudevents":
+            return (b"topic", topic, b"data", to_structured(event, body))
+        headers, data = to_binary(event, body)
+        pairs = [b"topic", topic]
+        for name, value in headers.items():
+            field = "ce_" + name[3:] if name.startswith("ce-") else name
+            pairs += [field.encode(), value.encode()]
+        return (*pairs, b"data", data)
 
     def _xadd(self, event: Event, body: bytes) -> tuple[bytes, ...]:
         """The XADD command for ``event``, as bytes: the same entry ``xadd()``
         writes, without its argument handling and str encoding (~1 us an event)."""
-        return (*self._xadd_head, event.topic.encode(), b"event", event.envelope(body))
+        if self.options.format == "alkpubsub":
+            envelope = event.envelope(body)
+            return (*self._xadd_head, b"topic", event.topic.encode(), b"event", envelope)
+        return (*self._xadd_head, *self.entry_fields(event, body))
 
     async def send(self, event: Event, body: bytes) -> Event:
         try:

@@ -174,8 +174,9 @@ async def test_garbage_on_the_wire_is_counted_and_delivery_goes_on(
             sent = [(await transport.publish("jobs:x", i)).id for i in range(3)]
             for sub in (exact, wild):
                 got = await collect(sub, written.foreign + 3)
-                assert [e.id for e in got][-3:] == sent
-                assert [e.origin for e in got[:-3]] == ["foreign"] * written.foreign
+                # Another connection's messages may arrive after later ones of ours.
+                assert [e.id for e in got if e.origin != "foreign"] == sent
+                assert len([e for e in got if e.origin == "foreign"]) == written.foreign
             await until_malformed(exact, written.malformed)
             await until_malformed(wild, written.malformed + 2)
     finally:

@@ -195,6 +195,10 @@ class RowDecoder:
         if self.foreign != "adopt":
             detail = f"a foreign message (foreign={self.foreign})"
             return Malformed(arrived, detail, text, "foreign")
+        try:
+            validate_topic(arrived)
+        except InvalidTopic:
+            return Malformed(None, f"a foreign message on {arrived[:80]!r}, not a topic", text)
         payload: Any = row.value
         if kind == "json":
             try:

@@ -8,11 +8,13 @@ grow with the number of subscribed topics; then it wakes every durable stream
 reader, which reads from its own position. Commits made by this process also
 poke it directly, so local subscribers need not wait for honker's 1 ms poll.
 
-Rows come from any SQLite client, so no row's content may stop the watcher: a
-row whose channel or payload is not text (a BLOB), is not UTF-8, is not JSON,
-is not an envelope, or whose envelope names another topic than its channel is
-counted as malformed on the subscriptions it was meant for (on every one when
-its channel names no topic) and skipped. An exception nobody foresaw while
+Rows come from any SQLite client, so no row's content may stop the watcher.
+Each row is parsed once and decoded by :mod:`alkpubsub.storage.rows` (our
+envelopes, CloudEvents, foreign JSON or text from honker's own ``tx.notify``).
+A row whose channel or payload is not text (a BLOB), is not UTF-8, claims to
+be an envelope but is invalid, or whose envelope names another topic than its
+channel is counted as malformed on the subscriptions it was meant for (on
+every one when its channel names no topic) and skipped. An exception nobody foresaw while
 handling one row is logged once and counted in :attr:`Watcher.errors`, and the
 watcher goes on with the next row.
 
@@ -30,10 +32,12 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from alkpubsub.errors import ConnectionLost, PayloadError
+from alkpubsub.errors import ConnectionLost
 from alkpubsub.event import Event
 from alkpubsub.routing import Router
 from alkpubsub.topics import MAX_TOPIC_LENGTH, Pattern
+
+from .rows import Malformed, RowDecoder, parse_row
 
 if TYPE_CHECKING:
     from .store import SharedDatabase
@@ -53,7 +57,8 @@ MAX_DEFER_AGE = 0.001
 """Seconds after the first skipped wake by which the watcher reads regardless."""
 
 SELECT_NOTIFICATIONS = (
-    "SELECT id, channel, payload FROM _honker_notifications WHERE id > ? ORDER BY id LIMIT ?"
+    "SELECT id, channel, payload, created_at FROM _honker_notifications "
+    "WHERE id > ? ORDER BY id LIMIT ?"
 )
 MAX_NOTIFICATION_ID = "SELECT COALESCE(MAX(id), 0) AS m FROM _honker_notifications"
 
@@ -67,9 +72,16 @@ class Listener(Protocol):
     @property
     def pattern(self) -> Pattern: ...
 
+    @property
+    def decoder(self) -> RowDecoder:
+        """How this subscription reads rows (its transport's ``foreign`` option)."""
+        ...
+
     def push(self, event: Event) -> None: ...
 
-    def _malformed(self, detail: str) -> None: ...
+    def count_malformed(self, detail: str, kind: str) -> None:
+        """Count a row meant for this subscription that is no event for it."""
+        ...
 
     def fail(self, error: BaseException) -> None: ...
 
@@ -259,42 +271,30 @@ class Watcher:
                 if not subs:
                     continue
                 row_id = row["id"]
-                event: Event | None = None
+                # Parsed once per row; decoded once per decoder (subscriptions of
+                # transports with the same ``foreign`` option share it).
+                parsed = None
+                decoded: dict[RowDecoder, Event | Malformed] = {}
                 for sub in subs:
                     if row_id <= sub.after_id:
                         continue
+                    if parsed is None:
+                        parsed = parse_row(row["payload"], channel)
+                    decoder = sub.decoder
+                    event = decoded.get(decoder)
                     if event is None:
-                        event = self._decode(row, channel, subs)
-                        if event is None:
-                            break
+                        event = decoder.decode(parsed, channel, row_id, row["created_at"])
+                        decoded[decoder] = event
                     try:
-                        sub.push(event)
+                        if isinstance(event, Malformed):
+                            detail = f"notification {row_id} on {channel!r}: {event.detail}"
+                            sub.count_malformed(detail, event.kind)
+                        else:
+                            sub.push(event)
                     except Exception as exc:  # one subscription's fault is its own
                         self._unforeseen(row, exc)
             except Exception as exc:
                 self._unforeseen(row, exc)
-
-    def _decode(
-        self, row: dict[str, Any], channel: str, subs: tuple[Listener, ...]
-    ) -> Event | None:
-        """The row's event, or None after counting it malformed on ``subs``."""
-        payload = row["payload"]
-        if type(payload) is str:
-            try:
-                event = Event.from_json(payload)
-            except PayloadError as exc:
-                detail = str(exc)
-            else:
-                if event.topic == channel:
-                    return event
-                detail = f"its envelope names topic {event.topic[:80]!r}, not its channel"
-        else:
-            detail = f"its payload is a {type(payload).__name__}, not envelope text"
-        row_id = row["id"]
-        for sub in subs:
-            if row_id > sub.after_id:
-                sub._malformed(f"notification {row_id} on {channel!r}: {detail}")
-        return None
 
     def _foreign_channel(self, row: dict[str, Any]) -> None:
         """A channel that is not topic text: count the row on the subscriptions of
@@ -311,7 +311,7 @@ class Watcher:
         detail = f"notification {row_id}: its channel is a {type(channel).__name__}, not topic text"
         for sub in subs:
             if row_id > sub.after_id:
-                sub._malformed(detail)
+                sub.count_malformed(detail, "envelope")
 
     def _unforeseen(self, row: dict[str, Any], exc: Exception) -> None:
         self.errors += 1

@@ -6,7 +6,8 @@ Features
     transactional_publish: yes (``store.transaction()`` ``tx.notify``)
     competing consumers: no   dead letter: no
     Each publish inserts a row into honker's ``_honker_notifications`` (channel
-    = topic, payload = the JSON envelope); subscribers see it when it commits.
+    = topic, payload = the JSON envelope, or with ``format=cloudevents`` a
+    structured CloudEvent); subscribers see it when it commits.
     Like NOTIFY/LISTEN: live only, at most once, no replay. A subscription
     receives every event committed after ``__aenter__`` returned and none
     before. Concurrent publishes share one commit (group commit); a slow
@@ -17,10 +18,17 @@ Features
     Notifications are pruned automatically by each process that writes the
     file, once older than ``notify_retention`` seconds (never a row a watcher
     of this process has not read yet); see ``alkpubsub.storage.pruning``.
-    Rows other SQLite clients write that are not envelopes of their channel's
-    topic (BLOBs, invalid JSON, ...) are counted in ``stats.malformed`` and
-    skipped. If the file is replaced or deleted while open, subscriptions and
-    publishes raise ``ConnectionLost``; a new transport opens the new file.
+    Rows are parsed, never sniffed (``alkpubsub.storage.rows``). Foreign rows
+    (honker's own ``tx.notify(channel, payload)``, the Node binding, any SQLite
+    client: JSON or text that is not our envelope) are adopted with
+    ``foreign=adopt``: topic = the channel, id ``uuid5(file, row id)``, payload
+    the JSON (else the text), header ``x-alk-foreign: json|text``, origin
+    ``foreign``, ``published_at`` the row's ``created_at``. Structured
+    CloudEvents are decoded (their ``topic`` must be the channel). Rows that
+    claim to be our envelope but are invalid, name another topic than their
+    channel (a spoof), or are BLOBs or not UTF-8 are counted in
+    ``stats.malformed`` and skipped. If the file is replaced or deleted while
+    open, subscriptions and publishes raise ``ConnectionLost``; a new transport opens the new file.
 
 Connection String
     ``honker:///abs/path/events.db``   an absolute path
@@ -32,20 +40,34 @@ Transport Options
     notify_retention  60   seconds a notification is kept before this process's
                            writer prunes it; 0 = never. The first store opened on a
                            path in a process sets it.
+    foreign        adopt   foreign rows: ``adopt`` (delivered, see above) or ``drop``
+                           (counted in ``stats.malformed``); ``dead_letter`` is refused
+                           (no dead letters on an ephemeral transport)
+    format     alkpubsub   what publishes write: ``alkpubsub`` or ``cloudevents``
+                           (structured); readers take both. ``cloudevents-binary`` is
+                           refused: rows have no headers
     (``Settings.origin`` sets the origin stamped on published events.)
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
+from alkpubsub.errors import ConfigError
 from alkpubsub.event import Event
-from alkpubsub.storage import DEFAULT_NOTIFY_RETENTION, Store, Watcher
+from alkpubsub.storage import (
+    DEFAULT_NOTIFY_RETENTION,
+    ForeignMode,
+    RowDecoder,
+    Store,
+    Watcher,
+    check_foreign_mode,
+)
 from alkpubsub.transport import BaseTransport, Subscription
 
-from ._honker_common import StoreHolder, database_path
+from ._honker_common import Format, StoreHolder, check_format, database_path, encoder
 
 
 class HonkerSubscription(Subscription):
@@ -65,8 +87,15 @@ class HonkerSubscription(Subscription):
             self._watcher.remove_listener(self)
             self._watcher = None
 
-    def _malformed(self, detail: str) -> None:
-        self.transport.report_malformed(self, "envelope", detail)
+    @property
+    def decoder(self) -> RowDecoder:
+        """How rows become events for this subscription (its transport's options)."""
+        return self.transport.decoder
+
+    def count_malformed(self, detail: str, kind: str) -> None:
+        """Count a row meant for this subscription that is no event (or a dropped
+        foreign one)."""
+        self.transport.report_malformed(self, kind, detail)
 
 
 class HonkerTransport(BaseTransport):
@@ -82,10 +111,17 @@ class HonkerTransport(BaseTransport):
         *,
         origin: str | None = None,
         notify_retention: float = DEFAULT_NOTIFY_RETENTION,
+        foreign: ForeignMode = "adopt",
+        format: Format = "alkpubsub",
     ) -> None:
         super().__init__(origin=origin)
         self.name = f"honker://{path}" if path.startswith("/") else f"honker:///{path}"
         self._holder = StoreHolder(path, self.origin, notify_retention)
+        self.foreign = _check_foreign(foreign)
+        self.format = check_format(format)
+        self._encode = encoder(self.format)
+        self.decoder = RowDecoder(f"honker:{StoreHolder.resolved(path)}#notify", self.foreign)
+        """Reads notification rows into events (``alkpubsub.storage.rows``)."""
 
     async def connect(self) -> None:
         """Open the database file (shared with every transport on it in this process)."""
@@ -100,12 +136,13 @@ class HonkerTransport(BaseTransport):
 
     async def send(self, event: Event, body: bytes) -> Event:
         store = self._holder.store or await self._holder.get()
-        await store.notify_many([(event.topic, event.envelope(body).decode())])
+        await store.notify_many([(event.topic, self._encode(event, body))])
         return event
 
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         store = self._holder.store or await self._holder.get()
-        await store.notify_many([(e.topic, e.envelope(b).decode()) for e, b in batch])
+        encode = self._encode
+        await store.notify_many([(e.topic, encode(e, b)) for e, b in batch])
         return [event for event, _ in batch]
 
     def make_subscription(
@@ -117,8 +154,30 @@ class HonkerTransport(BaseTransport):
         self._holder.close()
 
 
+def _check_foreign(value: str) -> ForeignMode:
+    mode = check_foreign_mode(value)
+    if mode == "dead_letter":
+        raise ConfigError(
+            "foreign='dead_letter': honker:// is ephemeral and has no dead letters; "
+            "use foreign=adopt (the default) or foreign=drop, or honker+durable://"
+        )
+    return mode
+
+
 class _Options(TransportOptions):
     notify_retention: float = Field(DEFAULT_NOTIFY_RETENTION, ge=0)
+    foreign: str = "adopt"
+    format: str = "alkpubsub"
+
+    @field_validator("foreign")
+    @classmethod
+    def _foreign(cls, value: str) -> str:
+        return _check_foreign(value)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        return check_format(value)
 
 
 def from_url(url: str, settings: Settings | None = None) -> HonkerTransport:
@@ -129,4 +188,6 @@ def from_url(url: str, settings: Settings | None = None) -> HonkerTransport:
         database_path(parsed),
         origin=settings.origin if settings else None,
         notify_retention=options.notify_retention,
+        foreign=_check_foreign(options.foreign),
+        format=check_format(options.format),
     )

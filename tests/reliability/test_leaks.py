@@ -16,7 +16,6 @@ the loop closes, not something a transport leaks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import threading
@@ -77,24 +76,31 @@ async def fill_default_executor() -> None:
     await asyncio.gather(*(asyncio.to_thread(time.sleep, 0.05) for _ in range(workers)))
 
 
-async def exercise(url: str, durable: bool, own: set[asyncio.Task[object]]) -> int:
-    """The traffic of one run (see the module docstring); returns events published."""
+async def exercise(url: str, durable: bool, own: set[asyncio.Task[object]]) -> tuple[int, str]:
+    """The traffic of one run (see the module docstring); returns the events
+    published and how the publish in flight at close ended."""
     publisher = await alkpubsub.connect(url)
     subscriber = await alkpubsub.connect(url)
     topic = unique("leaks")
     published = 0
+    ended = "returned"  # the publish racing publisher.close(): returned, or its error
     flowing = asyncio.Event()  # set once TRAFFIC events went to the live readers
     mark = -1
 
     async def publish() -> None:
-        nonlocal published
-        with contextlib.suppress(alkpubsub.Closed):
+        nonlocal published, ended
+        try:
             while True:
                 await publisher.publish(topic, published)
                 published += 1
                 if published == mark:
                     flowing.set()
                 await asyncio.sleep(0.001)
+        # A publish racing close() ends with Closed, or (Honker, when the store
+        # closes under a queued write) PublishError "nothing of this publish was
+        # stored"; either way it must end, and nothing may be left behind.
+        except (alkpubsub.Closed, alkpubsub.PublishError) as exc:
+            ended = type(exc).__name__
 
     async def read(sub: alkpubsub.Subscription) -> None:
         async for event in sub:
@@ -128,7 +134,7 @@ async def exercise(url: str, durable: bool, own: set[asyncio.Task[object]]) -> i
         await asyncio.sleep(0.01)  # a publish is in flight more often than not
         await publisher.close()
         await pumping
-    return published
+    return published, ended
 
 
 @pytest.mark.timeout(120)
@@ -139,13 +145,14 @@ async def test_subscriptions_and_transports_leave_nothing_behind(
     await fill_default_executor()
     baseline = take()
     own: set[asyncio.Task[object]] = set()
-    published = await exercise(leak_url, "durable" in name, own)
+    published, ended = await exercise(leak_url, "durable" in name, own)
     leaks = await settle(baseline, own, SETTLE_WITHIN)
     figures(
         f"RELIABILITY {name} leaks: subscriptions={SUBSCRIPTIONS} (entered and half closed "
         f"with gather, transport closed under the rest) published={published} "
         f"tasks_left={len(leaks.tasks)} threads_left={len(leaks.threads)} "
-        f"fds_left={len(leaks.fds)} settled_in={leaks.settled_in:.2f}s"
+        f"fds_left={len(leaks.fds)} settled_in={leaks.settled_in:.2f}s "
+        f"publish_at_close={ended}"
     )
     assert not leaks, f"{name} left behind after closing:\n{leaks.describe()}"
 

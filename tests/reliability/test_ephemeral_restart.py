@@ -142,6 +142,8 @@ async def test_ephemeral_delivery_resumes_after_broker_restart(
                 return len(arrived) >= target
 
             await until(flowing, 10)
+        tasks[1].cancel()  # stop publishing, then let the last accepted event arrive
+        await bounded(asyncio.gather(tasks[1], return_exceptions=True), "the publisher ending")
         last = max(accepted)
         await until(lambda: last in arrived, 5)
     finally:

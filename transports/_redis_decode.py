@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -75,14 +76,15 @@ def decode_body(
     data: bytes,
     *,
     topic: str,
-    seed: str,
+    seed: str | Callable[[], str],
     offset: int | None = None,
     published_at: datetime | None = None,
     adopt: bool = True,
 ) -> Decoded:
     """Decode one message body that arrived on ``topic``, or raise
     :class:`PayloadError`. ``seed`` names where it was read (the foreign id's
-    source). With ``adopt=False`` only an envelope or a CloudEvent is accepted."""
+    source; a callable is called only for a foreign message). With
+    ``adopt=False`` only an envelope or a CloudEvent is accepted."""
     if data.startswith(_OURS):
         return Decoded(_ours(data, topic, offset))
     if len(data) > MAX_PAYLOAD_BYTES * 2:
@@ -122,7 +124,7 @@ def decode_body(
             value if parsed else text,
             "json" if parsed else "text",
             topic=topic,
-            seed=seed,
+            seed=seed if isinstance(seed, str) else seed(),
             offset=offset,
             published_at=published_at,
         ),
@@ -153,9 +155,12 @@ def adopted(
     )
 
 
-def channel_seed(channel: bytes, data: bytes) -> str:
-    """A pub/sub message's foreign-id source: its channel and a hash of its body."""
-    return f"redis-channel/{channel.decode(errors='replace')}/{hashlib.sha256(data).hexdigest()}"
+def channel_seed(channel: bytes, data: bytes) -> Callable[[], str]:
+    """A pub/sub message's foreign-id source: its channel and a hash of its body
+    (computed only if the message turns out to be foreign)."""
+    return lambda: (
+        f"redis-channel/{channel.decode(errors='replace')}/{hashlib.sha256(data).hexdigest()}"
+    )
 
 
 # -- stream entries --------------------------------------------------------------

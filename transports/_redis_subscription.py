@@ -229,7 +229,7 @@ class RedisStreamSubscription(Subscription):
         self._nacked.pop(entry_id, None)
         if should_dead_letter(topic, deliveries - 1, t.max_deliveries):
             failed = deliveries - 1
-            reason = self._reasons.pop(entry_id, None) or f"not acked in {failed} deliveries"
+            reason = self._reasons.pop(entry_id, "") or f"not acked in {failed} deliveries"
             return await self._bury(held, topic, reason, event, deliveries=deliveries - 1)
         if deliveries > 1:
             self.stats.redelivered += 1

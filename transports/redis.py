@@ -28,10 +28,19 @@ Features
     and one warning gives the gap (measured: 0-2 of 200 publishes/s lost per
     restart). If the server stays away longer than ``reconnect_timeout``,
     iterators raise :class:`ConnectionLost` after their buffered events.
-    Messages that are not events of their channel are counted in
-    ``stats.malformed`` and dropped. A publish retries twice within ~1 s, then
-    raises :class:`ConnectionLost`; a retried publish may, rarely, arrive twice
-    (when the server took it but its reply was lost).
+    A message is an envelope, or a structured CloudEvent (a JSON object with
+    ``specversion``); pub/sub has no headers, so no binary CloudEvents. Any
+    other JSON or UTF-8 text is *foreign*: with ``foreign=adopt`` it becomes
+    an event of the channel's topic (payload = the JSON, or the text beyond
+    the publish limits; id ``uuid5`` of channel and body; origin ``foreign``;
+    header ``x-alk-foreign: json|text``); ``foreign=drop`` counts it in
+    ``stats.malformed``. Malformed messages (not UTF-8, an ``alkpubsub`` key
+    without a valid envelope, an envelope or CloudEvent naming another topic
+    than its channel's) are counted in ``stats.malformed`` and dropped.
+
+    A publish retries twice within ~1 s, then raises :class:`ConnectionLost`;
+    a retried publish may, rarely, arrive twice (when the server took it but
+    its reply was lost).
 
     Pub/sub channels are global to a Redis server: the database number does
     not separate them. Give applications that share a server their own
@@ -45,6 +54,11 @@ Connection String
 
 Transport Options
     prefix = ""                   channel name prefix (``[A-Za-z0-9_.:-]*``)
+    format = "alkpubsub"          what PUBLISH writes: ``alkpubsub`` (the envelope) or
+                                  ``cloudevents`` (structured); ``cloudevents-binary`` is a
+                                  ConfigError (no headers: use redis+durable://)
+    foreign = "adopt"             messages of other writers: ``adopt`` or ``drop``
+                                  (``dead_letter`` is a ConfigError: no dead letters here)
     reconnect_timeout = 30.0      seconds an outage may last before subscriptions fail
     connect_timeout = 5.0         seconds to open a TCP connection
 """

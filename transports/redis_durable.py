@@ -4,8 +4,8 @@ Features
     persistent: yes   replay: yes   consumer offsets: yes   competing consumers: yes
     ordered: yes   wildcards: yes   dead letter: yes   cross_process/cross_node: yes
     All topics share one stream key (``stream``); an entry holds the fields
-    ``topic`` and ``event`` (the JSON envelope). ``event.offset`` packs the
-    entry id ``<ms>-<seq>`` as ``ms * 2**20 + seq`` (increasing, unique).
+    ``topic`` and ``event`` (the JSON envelope; see ``format``). ``event.offset``
+    packs the entry id ``<ms>-<seq>`` as ``ms * 2**20 + seq`` (increasing, unique).
 
     A ``consumer`` name is a consumer group, created on first use at ``start``
     ("new" -> ``$``, "earliest" -> ``0``, an offset -> that entry, inclusive);
@@ -22,15 +22,35 @@ Features
     entry's idle time so that it becomes claimable after ``delay``; closing
     hands unacked entries back at once. Entries of a crashed member become
     claimable after ``claim_idle``. Every member claims due entries with
-    XAUTOCLAIM (each second, or sooner when it nacks). When the last of
+    XAUTOCLAIM (each second, or sooner when it nacks).
+
+    Dead letters (``alkpubsub.deadletter``): when the last of
     ``max_deliveries`` deliveries fails (nacked, or claimed once more), the
-    event is added to ``<topic>:dead`` with headers ``x-dead-reason``,
-    ``x-deliveries``, ``x-original-id``, ``x-original-offset`` and acked; so is
-    a malformed entry (an ``event`` field that is not an envelope for its
-    ``topic``; the dead letter keeps its first 64 KiB). Entries with no valid
-    ``topic`` or no ``event`` are acked unseen; both count in
-    ``stats.malformed`` and neither stops the member. Entries up to the
-    publish limit (1,000,000 bytes of payload JSON) are delivered.
+    event is added to the same stream as topic ``dead:<topic>`` (headers
+    ``x-dead-reason`` = the ``nack(reason=)``, ``x-dead-kind``,
+    ``x-deliveries``, ``x-consumer``, ``x-original-id``/``-topic``/``-offset``)
+    and acked, in one MULTI. Only patterns that name ``dead`` first match them:
+    any other group (``>`` too) acks them unseen, not as malformed. A dead
+    letter that keeps failing is redelivered after the nack delay, never
+    dead-lettered again.
+
+    Reading (``_redis_decode.py``, decision 004): an entry's topic is its
+    ``topic`` field, else the stream key. Its ``event`` field holds an
+    envelope or a structured CloudEvent; ``ce_*`` fields with the body in
+    ``data`` are a binary CloudEvent; any other entry is *foreign* and, with
+    ``foreign=adopt``, becomes an event: a lone ``data``/``payload`` field's
+    JSON (or text), else the fields as one JSON object; id ``uuid5`` of stream
+    and entry id (a redelivery keeps it), time = the entry id's, origin
+    ``foreign``, header ``x-alk-foreign: json|text``. ``foreign=dead_letter``
+    dead-letters them (named consumers), ``drop`` counts them in
+    ``stats.malformed`` and acks them. Malformed entries (not UTF-8, an
+    ``event`` that is no valid envelope, an envelope for another topic,
+    beyond the publish limits) count in ``stats.malformed``; a named consumer
+    dead-letters them (kind ``malformed``, the first 64 KiB of text; to
+    ``dead:unknown`` when the entry names no valid topic), so its position
+    never passes an entry it neither delivered nor dead-lettered; an anonymous
+    one acks them. Nothing stops the member. Entries up to the publish limit
+    (1,000,000 bytes of payload JSON) are delivered.
 
     While the broker is away every call is retried (the first at once, then
     every 10-20 ms for 5 s, then doubling from 50 ms to 1 s);
@@ -54,6 +74,11 @@ Transport Options
     maxlen = 1000000              approximate stream length cap; 0 = no cap
     claim_idle = 30.0             seconds before a silent member's entries are claimed
     max_deliveries = 5            deliveries before dead-lettering (else Settings.max_deliveries)
+    format = "alkpubsub"          what XADD writes: ``alkpubsub`` (fields topic, event),
+                                  ``cloudevents`` (topic, data = structured CloudEvent) or
+                                  ``cloudevents-binary`` (topic, ce_<attr>..., content-type,
+                                  data); every format is read whatever this says
+    foreign = "adopt"             entries of other writers: ``adopt``, ``dead_letter``, ``drop``
     batch = 100                   entries per XREADGROUP / XAUTOCLAIM
     reconnect_timeout = 30.0      seconds an outage may last before subscriptions fail
     connect_timeout = 5.0         seconds to open a TCP connection

@@ -6,7 +6,9 @@ alkpubsub keeps each named consumer's position in honker's
 ``[A-Za-z0-9_.-]`` and never contain ``:``, so a consumer that honker's own
 ``stream.subscribe(consumer="worker")`` keeps (row name ``worker``) and
 alkpubsub's ``worker`` (row name ``alkpubsub:worker``) never move each other.
-Both hold back pruning. ``alkpubsub stats`` lists both kinds.
+Both hold back pruning. ``alkpubsub stats`` lists both kinds. A consumer with
+no prefixed row yet starts from the bare-name row if there is one (where
+versions before the prefix saved it), without ever writing that row.
 
 The claim on a name is a lease in honker's ``_honker_locks``
 (``alkpubsub:consumer:<stream>:<consumer>``), renewed every ``ttl / 3`` seconds.
@@ -148,7 +150,13 @@ class ConsumerLease:
         saved = tx.query(SAVED, [self.row, self.stream])
         if saved:
             return int(saved[0]["offset"])
-        position = start_position(tx.query, self.stream, start)
+        # Versions before the prefix saved under the bare name: continue from that
+        # position (read, never written: it may be a honker consumer's row now).
+        legacy = tx.query(SAVED, [self.consumer, self.stream])
+        if legacy:
+            position = int(legacy[0]["offset"])
+        else:
+            position = start_position(tx.query, self.stream, start)
         # Registering now makes the consumer resume from here after a crash and
         # holds back pruning of what it has not read.
         tx.execute(REGISTER, [self.row, self.stream, position])

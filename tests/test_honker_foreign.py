@@ -318,3 +318,20 @@ async def test_an_sdk_cloudevent_written_raw_is_received(tmp_path: Path) -> None
         assert got.origin == "/shop"
     await live.close()
     await log.close()
+
+
+async def test_a_position_saved_under_the_bare_name_is_carried_over(tmp_path: Path) -> None:
+    # Versions before the alkpubsub: prefix saved the consumer "worker" as "worker".
+    transport = await durable(tmp_path)
+    events = [await transport.publish("jobs:x", i) for i in range(3)]
+    with transport.store.transaction() as tx:
+        tx.query("SELECT honker_stream_save_offset('worker', 'events', ?)", [events[0].offset])
+    async with transport.subscribe("jobs:x", consumer="worker") as sub:
+        got = await collect_acking(sub, 2)
+    assert [e.id for e in got] == [e.id for e in events[1:]]
+    kinds = {(c.name, c.kind): c.offset for c in transport.store.consumers()}
+    assert kinds == {
+        ("worker", "alkpubsub"): events[2].offset,
+        ("worker", "honker"): events[0].offset,  # the old row, untouched
+    }
+    await transport.close()

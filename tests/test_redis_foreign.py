@@ -342,3 +342,20 @@ async def test_nack_reason_is_the_dead_letters_reason(
     assert letter.headers["x-original-id"] == sent.id
     assert letter.headers["x-original-offset"] == str(sent.offset)
     assert letter.headers["traceparent"] == "00-abc"  # the original's headers are kept
+
+
+async def test_foreign_dead_letter_never_chains_on_dead_letter_topics(
+    redis_server_session: RedisServer, raw: aioredis.Redis, stream: str
+) -> None:
+    # A foreign entry written to a dead-letter topic cannot go to a dead-letter
+    # topic again: the ops consumer counts it and moves on.
+    t = await alkpubsub.connect(durable_url(redis_server_session, stream, foreign="dead_letter"))
+    topic = f"dead:{unique('orders')}"
+    try:
+        async with t.subscribe(topic, consumer=unique("ops")) as ops:
+            await raw.xadd(stream, {"topic": topic, "order": "7"})
+            await nothing_more(ops, QUIET)
+            assert (ops.stats.malformed, ops.stats.dead_lettered) == (1, 0)
+    finally:
+        await t.close()
+    assert [f[b"topic"] for _, f in await raw.xrange(stream)] == [topic.encode()]

@@ -189,26 +189,32 @@ def _text(value: bytes) -> str:
         raise PayloadError(f"field {value[:40]!r} is not UTF-8 text") from None
 
 
+def entry_topic(fields: dict[bytes, bytes], stream_topic: str | None) -> str | None:
+    """A stream entry's arrival topic: its ``topic`` field, else the stream key
+    as a topic (``stream_topic``); None when it names no valid topic. Read
+    before anything is parsed, so a group skips other topics' entries cheaply."""
+    raw_topic = fields.get(b"topic")
+    if raw_topic is None:
+        return stream_topic
+    try:
+        return validate_topic(raw_topic.decode())
+    except (UnicodeDecodeError, InvalidTopic):
+        return None
+
+
 def read_entry(
     fields: dict[bytes, bytes],
     *,
+    topic: str | None,
     entry_id: bytes,
     offset: int,
     stream: str,
-    stream_topic: str | None,
 ) -> ReadEntry:
-    """Decode a stream entry (see the module docstring). ``stream_topic`` is
-    the stream key as a topic (None when it is not a valid one)."""
-    raw_topic = fields.get(b"topic")
-    if raw_topic is None:
-        topic = stream_topic
-    else:
-        try:
-            topic = validate_topic(raw_topic.decode())
-        except (UnicodeDecodeError, InvalidTopic):
-            topic = None
+    """Decode a stream entry that arrived on ``topic`` (:func:`entry_topic`;
+    see the module docstring)."""
     data = fields.get(b"event")
     if topic is None:
+        raw_topic = fields.get(b"topic")
         what = "no topic field" if raw_topic is None else f"topic field {raw_topic[:60]!r}"
         return ReadEntry(None, error=f"{what} is not a topic", raw=data or b"")
     try:

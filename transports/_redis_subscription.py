@@ -23,6 +23,7 @@ from redis import exceptions as rex
 from alkpubsub.deadletter import dead_letter, should_dead_letter
 from alkpubsub.errors import ConnectionLost, PayloadError
 from alkpubsub.event import Event
+from alkpubsub.topics import is_dead_letter
 from alkpubsub.transport import Subscription
 
 from ._redis_common import (
@@ -34,7 +35,7 @@ from ._redis_common import (
     stop_tasks,
     translate,
 )
-from ._redis_decode import read_entry
+from ._redis_decode import entry_topic, read_entry
 from ._redis_group import GroupMember
 
 if TYPE_CHECKING:
@@ -201,14 +202,12 @@ class RedisStreamSubscription(Subscription):
         offset = id_to_offset(entry_id)
         if offset in self._held:
             return True  # already ours (claimed back while still buffered)
-        entry = read_entry(
-            fields, entry_id=entry_id, offset=offset, stream=t.stream, stream_topic=t.stream_topic
-        )
-        topic = entry.topic
+        topic = entry_topic(fields, t.stream_topic)
         if topic is not None and not self.pattern.matches(topic):
             # Not for this group (dead letters included, unless the pattern
-            # names ``dead`` first): skip it for good, silently.
+            # names ``dead`` first): skip it for good, silently, unparsed.
             return self._skip(entry_id)
+        entry = read_entry(fields, topic=topic, entry_id=entry_id, offset=offset, stream=t.stream)
         held = _Held(entry_id, deliveries)
         if entry.decoded is None:
             where = f"on {topic!r}" if topic else "with no valid topic"
@@ -222,7 +221,11 @@ class RedisStreamSubscription(Subscription):
         event = entry.decoded.event
         assert topic is not None
         if entry.decoded.foreign and t.options.foreign != "adopt":
-            if t.options.foreign == "dead_letter" and self.consumer is not None:
+            if (
+                t.options.foreign == "dead_letter"
+                and self.consumer is not None
+                and not is_dead_letter(topic)  # no chains: then it is dropped
+            ):
                 return await self._bury(held, topic, "foreign message (foreign=dead_letter)", event)
             t.report_malformed(self, "foreign", f"entry {entry_id!r} on {topic!r} is foreign")
             return self._skip(entry_id)

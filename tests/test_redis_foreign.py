@@ -359,3 +359,29 @@ async def test_foreign_dead_letter_never_chains_on_dead_letter_topics(
     finally:
         await t.close()
     assert [f[b"topic"] for _, f in await raw.xrange(stream)] == [topic.encode()]
+
+
+@pytest.mark.parametrize("fmt", ["cloudevents", "cloudevents-binary"])
+async def test_dead_letters_round_trip_in_every_write_format(
+    redis_server_session: RedisServer, stream: str, fmt: str
+) -> None:
+    # Dead letters are written in the transport's format and read back whole.
+    t = await alkpubsub.connect(durable_url(redis_server_session, stream, format=fmt))
+    assert isinstance(t, RedisDurableTransport)
+    topic, consumer = unique("orders"), unique("c")
+    try:
+        async with (
+            t.subscribe(topic, consumer=consumer) as sub,
+            t.subscribe(f"dead:{topic}", consumer=unique("ops")) as dead,
+        ):
+            sent = await t.publish(topic, {"n": 1})
+            for _ in range(t.max_deliveries):
+                [event] = await collect(sub, 1)
+                await sub.nack(event, reason="boom")
+            [letter] = await collect_acking(dead, 1)
+    finally:
+        await t.close()
+    assert (letter.topic, letter.payload) == (f"dead:{topic}", {"n": 1})
+    assert letter.headers["x-dead-reason"] == "boom"
+    assert letter.headers["x-original-id"] == sent.id
+    assert letter.headers["x-consumer"] == consumer

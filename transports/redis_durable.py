@@ -42,7 +42,8 @@ Features
     JSON (or text), else the fields as one JSON object; id ``uuid5`` of stream
     and entry id (a redelivery keeps it), time = the entry id's, origin
     ``foreign``, header ``x-alk-foreign: json|text``. ``foreign=dead_letter``
-    dead-letters them (named consumers), ``drop`` counts them in
+    dead-letters them (named consumers; on ``dead:`` topics they are dropped,
+    no chains), ``drop`` counts them in
     ``stats.malformed`` and acks them. Malformed entries (not UTF-8, an
     ``event`` that is no valid envelope, an envelope for another topic,
     beyond the publish limits) count in ``stats.malformed``; a named consumer

@@ -35,6 +35,7 @@ from alkpubsub.transport import Subscription
 
 from ._nats_common import to_topic
 from ._nats_consumer import Consumer
+from ._nats_dead import bury, bury_malformed
 from ._nats_decode import adopt, decode
 
 if TYPE_CHECKING:
@@ -170,7 +171,9 @@ class PullSubscription(Subscription):
             deliveries = msg.metadata.num_delivered
             if should_dead_letter(event.topic, deliveries, self.transport.max_deliveries):
                 why = reason or f"nacked {deliveries} times"
-                await self.transport.bury(self, msg, event=event, reason=why, deliveries=deliveries)
+                await bury(
+                    self.transport, self, msg, event=event, reason=why, deliveries=deliveries
+                )
             else:
                 await self._answer(msg.nak(delay=delay or None))
         await super().nack(event, delay=delay, reason=reason)
@@ -295,7 +298,7 @@ class PullSubscription(Subscription):
         transport = self.transport
         topic = to_topic(transport.prefix, msg.subject)
         if topic is None:
-            await transport.bury_malformed(self, msg, None, "the subject is not a topic's")
+            await bury_malformed(transport, self, msg, None, "the subject is not a topic's")
             return
         if not self.pattern.matches(topic):
             # The consumer's filter is wider than the pattern: dead letters reach
@@ -310,11 +313,12 @@ class PullSubscription(Subscription):
                 if event is None:
                     return
         except PayloadError as exc:
-            await transport.bury_malformed(self, msg, topic, str(exc))
+            await bury_malformed(transport, self, msg, topic, str(exc))
             return
         if self.durable:
             if should_dead_letter(event.topic, meta.num_delivered - 1, transport.max_deliveries):
-                await transport.bury(
+                await bury(
+                    transport,
                     self,
                     msg,
                     event=event,
@@ -343,8 +347,8 @@ class PullSubscription(Subscription):
                 msg.data, topic, seed=seed, offset=seq, published_at=msg.metadata.timestamp
             )
         if mode == "dead_letter" and self.durable and not is_dead_letter(topic):
-            await transport.bury(
-                self, msg, topic=topic, reason="foreign message (foreign=dead_letter)",
+            await bury(
+                transport, self, msg, topic=topic, reason="foreign message (foreign=dead_letter)",
                 deliveries=msg.metadata.num_delivered,
             )  # fmt: skip
             return None

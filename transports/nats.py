@@ -17,9 +17,16 @@ Features
     does ``publish``. ``max_payload_bytes`` is lowered after connect when the
     server's ``max_payload`` cannot carry the largest payload with its envelope;
     a message over it is a ``PayloadError`` at publish (nats-server would close
-    the connection). Messages that are not our events (garbage, an envelope on
-    another topic's subject, a subject or status line that is not UTF-8) are
-    counted in ``stats.malformed`` and delivery goes on.
+    the connection). Reading accepts our envelope and CloudEvents (structured,
+    or binary in ``ce-*`` NATS headers) whatever ``format`` says; the subject's
+    topic is the event's topic. A foreign message (JSON or UTF-8 text that is
+    not an event) is adopted by default: topic = the subject's, id = uuid5 of
+    subject and body, payload = the JSON (else the text), header
+    ``x-alk-foreign: json|text``, origin ``foreign``. Malformed messages (not
+    UTF-8, a broken envelope, an envelope or CloudEvent of another topic, a
+    subject that is not a topic's) are counted in ``stats.malformed`` and
+    delivery goes on. Dead letters (a JetStream stream on this prefix) match
+    only patterns naming ``dead`` first: ``>`` never sees them.
 
 Connection String
     ``nats://[user:password@|token@]host[:4222][?options]``
@@ -39,6 +46,12 @@ Transport Options
                                 drops (a stalled event loop); counted as dropped
     tls_ca, tls_cert, tls_key   none   TLS files (or ``Settings.tls_*``)
     tls_hostname      none      server name to verify, if not the URL's host
+    format            ``alkpubsub``  what publish writes: ``alkpubsub`` (our envelope),
+                                ``cloudevents`` (structured CloudEvent) or
+                                ``cloudevents-binary`` (``ce-*`` headers, JSON body)
+    foreign           ``adopt``  messages that are not events: ``adopt`` (as above),
+                                ``dead_letter`` or ``drop`` (no dead letters on
+                                nats://: both count them as malformed and drop them)
 """
 
 from __future__ import annotations

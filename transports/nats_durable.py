@@ -20,10 +20,16 @@ Features
     ``ack_wait``, ``max_ack_pending`` and ``max_deliveries`` are set on the
     consumer, also on an existing one whose values differ. ``nack(delay=)`` is
     a JetStream nak; the delivery that reaches ``max_deliveries`` failures
-    (nacks, or ``ack_wait`` passing without an ack) goes to ``<topic>:dead`` with headers
-    ``x-dead-reason``, ``x-deliveries``, ``x-original-id``, ``x-original-offset``,
-    ``x-consumer``, and is acked. Closing a subscription naks what it holds
-    unacked, so another member gets it at once (that counts as a delivery).
+    (nacks, or ``ack_wait`` passing without an ack) goes to ``dead:<topic>``
+    (subject ``<stream>.dead.<topic>``), built by ``alkpubsub.deadletter``
+    (``x-dead-reason`` = ``nack(reason=)``, ``x-dead-kind``, ``x-deliveries``,
+    ``x-consumer``, ``x-original-id``/``-topic``/``-offset``) with its
+    deterministic id as ``Nats-Msg-Id`` (a re-bury is deduplicated), and is
+    acked. A dead letter is never dead-lettered again: one that fails is
+    redelivered after the nack delay. Only patterns naming ``dead`` first see
+    dead letters; a consumer on ``>`` acks them unseen. Closing a subscription
+    naks what it holds unacked, so another member gets it at once (that
+    counts as a delivery).
     ``consumer=None`` is an anonymous reader: a server-side ephemeral consumer
     from ``start`` without acks (ack/nack are no-ops), deleted on close.
     Reconnects, broker restarts and lost consumers (memory storage) are healed
@@ -31,9 +37,17 @@ Features
     ``max_payload_bytes`` is lowered after connect when the server's
     ``max_payload`` or the stream's ``max_msg_size`` cannot carry the largest
     payload with its envelope; a message over either is a ``PayloadError`` at
-    publish. Messages that are not our events (garbage, an envelope on another
-    topic's subject) are counted in ``stats.malformed`` and dead-lettered with
-    their raw text (named consumers) or termed: they never hold a consumer.
+    publish. Reading accepts our envelope and CloudEvents (structured, or
+    binary in ``ce-*`` headers) whatever ``format`` says; ``Nats-Msg-Id`` is
+    the event id in every format. A foreign message (JSON or UTF-8 text that
+    is not an event) is adopted by default: topic = the subject's, id = uuid5
+    of stream and sequence (a redelivery keeps it), payload = the JSON (else
+    the text), header ``x-alk-foreign: json|text``, ``published_at`` = the
+    stream's timestamp, origin ``foreign``. Malformed messages (not UTF-8, a
+    broken envelope, an envelope or CloudEvent of another topic) are counted
+    in ``stats.malformed`` and dead-lettered with their text on named
+    consumers: they never hold a consumer, and none is acked unless it was
+    delivered, dead-lettered or outside the pattern.
 
 Connection String
     ``nats+durable://[user:password@|token@]host[:4222]?stream=EVENTS``
@@ -60,6 +74,12 @@ Transport Options
     fetch_timeout     5           seconds a pull request waits on the server
     publish_timeout   10          seconds a publish keeps retrying before ``PublishError``
     api_timeout       5           seconds for one JetStream API request
+    format            ``alkpubsub``  what publish writes: ``alkpubsub`` (our envelope),
+                                  ``cloudevents`` (structured CloudEvent) or
+                                  ``cloudevents-binary`` (``ce-*`` headers, JSON body)
+    foreign           ``adopt``   messages that are not events: ``adopt`` (as above),
+                                  ``dead_letter`` (named consumers bury them; others
+                                  count and drop) or ``drop`` (counted as malformed)
     and the connection options of ``nats://`` (name, connect_timeout,
     reconnect_wait, reconnect_timeout, pending_size, tls_*)
 """
@@ -74,10 +94,8 @@ from typing import TYPE_CHECKING, Literal
 from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import ParsedUrl, Settings, parse_options, parse_url
-from alkpubsub.deadletter import dead_letter
-from alkpubsub.errors import ConfigError, ConnectionLost, PayloadError, PublishError
+from alkpubsub.errors import ConfigError, ConnectionLost
 from alkpubsub.event import Event
-from alkpubsub.topics import is_dead_letter
 from alkpubsub.transport import BaseTransport, Subscription
 
 from ._nats_common import (
@@ -93,7 +111,6 @@ from ._nats_pull import PullSubscription
 from ._nats_store import StreamWriter, WriterSettings
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
 log = logging.getLogger("alkpubsub.nats")
@@ -162,7 +179,7 @@ class NatsDurableTransport(BaseTransport):
             prefetch=options.prefetch, max_deliveries=self._max_deliveries,
             inactive_threshold=options.reconnect_timeout + 30,
         )  # fmt: skip
-        self._writer = StreamWriter(
+        self.writer = StreamWriter(
             self._conn,
             WriterSettings(
                 options.stream, options.publish_timeout, options.api_timeout,
@@ -182,7 +199,7 @@ class NatsDurableTransport(BaseTransport):
         self._js = self._conn.nc.jetstream(timeout=self.options.api_timeout)
         with self._conn.translate(f"setting up stream {self.stream!r}"):
             await self.ensure_stream()
-        self.max_payload_bytes = self._writer.fit(self._stream_max_msg)
+        self.max_payload_bytes = self.writer.fit(self._stream_max_msg)
 
     @property
     def max_deliveries(self) -> int:
@@ -254,86 +271,17 @@ class NatsDurableTransport(BaseTransport):
     async def send(self, event: Event, body: bytes) -> Event:
         subject = self.subject(event.topic)
         if self.options.format == "alkpubsub":
-            ack = await self._writer.store(subject, event.envelope(body), event.id)
+            ack = await self.writer.store(subject, event.envelope(body), event.id)
         else:
             data, headers = encode(event, body, self.options.format)
-            ack = await self._writer.store(subject, data, event.id, headers)
+            ack = await self.writer.store(subject, data, event.id, headers)
         return event.with_offset(ack.seq)
 
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         fmt = self.options.format
         items = [(self.subject(e.topic), *encode(e, b, fmt), e.id) for e, b in batch]
-        seqs = await self._writer.store_many([(s, d, i, h) for s, d, h, i in items])
+        seqs = await self.writer.store_many([(s, d, i, h) for s, d, h, i in items])
         return [event.with_offset(seq) for (event, _), seq in zip(batch, seqs, strict=True)]
-
-    # -- dead letters ----------------------------------------------------------
-
-    async def bury(
-        self,
-        sub: Subscription,
-        msg: Msg,
-        *,
-        reason: str,
-        deliveries: int,
-        event: Event | None = None,
-        topic: str | None = None,
-    ) -> None:
-        """Store the dead letter of ``event`` (or of the raw message, arrived on
-        ``topic``) at ``dead:<topic>`` (:func:`alkpubsub.deadletter.dead_letter`),
-        then ack the original. Its id is deterministic and is its ``Nats-Msg-Id``:
-        burying again after a crash is deduplicated by the server."""
-        seq = msg.metadata.sequence.stream
-        letter, body = dead_letter(
-            topic=event.topic if event is not None else topic or "",
-            reason=reason,
-            origin=self.origin,
-            event=event,
-            raw=None if event is not None else msg.data,
-            deliveries=deliveries,
-            consumer=sub.consumer,
-            offset=seq,
-        )
-        subject = self.subject(letter.topic)
-        try:
-            try:
-                await self._writer.store(subject, letter.envelope(body), letter.id)
-            except PayloadError:
-                # Too large for the stream with its reasons: keep the reasons.
-                letter = letter.model_copy(
-                    update={
-                        "payload": None,
-                        "headers": {**letter.headers, "x-dead-payload": "dropped: too large"},
-                    }
-                )
-                await self._writer.store(subject, letter.envelope(b"null"), letter.id)
-        except (PublishError, ConnectionLost, PayloadError) as exc:
-            # Left unacked: redelivered after ack_wait and buried then.
-            log.error("%s: cannot dead-letter %s (%s); will retry", self.name, seq, exc)
-            return
-        await msg.ack()
-        sub.stats.dead_lettered += 1
-        self._conn.log_once(
-            "dead", "%s: stream sequence %s went to %s (%s)", self.name, seq, letter.topic,
-            letter.headers["x-dead-reason"],
-        )  # fmt: skip
-
-    async def bury_malformed(
-        self, sub: Subscription, msg: Msg, topic: str | None, detail: str, kind: str = "envelope"
-    ) -> None:
-        """Count a message that is not an event; dead-letter its raw text when named.
-        ``topic`` is the topic of the subject it arrived on (None: not a topic's)."""
-        self.report_malformed(sub, kind, f"on {msg.subject!r}: {detail}")
-        if sub.consumer is None:
-            return
-        if topic is not None and is_dead_letter(topic):
-            # A dead letter is never dead-lettered again; garbage on a dead-letter
-            # subject can never become an event: end it (counted, logged).
-            await msg.term()
-            return
-        await self.bury(
-            sub, msg, reason=f"malformed: {detail}", deliveries=msg.metadata.num_delivered,
-            topic=topic,
-        )  # fmt: skip
 
     # -- subscribing -----------------------------------------------------------
 
@@ -346,7 +294,7 @@ class NatsDurableTransport(BaseTransport):
 
     async def _try(self, step: Callable[[], Awaitable[None]]) -> bool:
         try:
-            async with self._writer.attempt(self.options.api_timeout):
+            async with self.writer.attempt(self.options.api_timeout):
                 await step()
             return True
         except Exception as exc:  # logged; the caller retries
@@ -355,8 +303,8 @@ class NatsDurableTransport(BaseTransport):
 
     def _healed(self) -> None:
         # The server may have come back with another max_payload.
-        self.max_payload_bytes = self._writer.fit(self._stream_max_msg)
-        self._writer.cut_short()
+        self.max_payload_bytes = self.writer.fit(self._stream_max_msg)
+        self.writer.cut_short()
         for sub in self._subscriptions:
             if isinstance(sub, PullSubscription):
                 sub.reconnected()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,10 @@ from alkpubsub.capabilities import Start
 from alkpubsub.errors import ConsumerBusy
 
 if TYPE_CHECKING:
-    from .store import Store
     from .transaction import StoreTransaction
+
+Write = Callable[..., Awaitable[Any]]
+"""``store.write``: runs ``fn(tx)`` in the next group commit (``short=`` keyword)."""
 
 CONSUMER_PREFIX = "alkpubsub:"
 """The prefix of alkpubsub's rows in ``_honker_stream_consumers``."""
@@ -115,8 +118,9 @@ class ConsumerLease:
     """The claim of one named consumer on one stream, and its saved position
     (see the module docstring)."""
 
-    def __init__(self, store: Store, stream: str, consumer: str, ttl: int) -> None:
-        self.store = store
+    def __init__(self, write: Write, path: str, stream: str, consumer: str, ttl: int) -> None:
+        self._write = write
+        self.path = path
         self.stream = stream
         self.consumer = consumer
         self.ttl = ttl
@@ -126,10 +130,10 @@ class ConsumerLease:
 
     async def claim(self, start: Start) -> int:
         """Take the name; return the position to continue after, or raise ConsumerBusy."""
-        result = await self.store.write(lambda tx: self._claim(tx, start), short=True)
+        result: int | str = await self._write(lambda tx: self._claim(tx, start), short=True)
         if isinstance(result, str):
             raise ConsumerBusy(
-                f"consumer {self.consumer!r} of stream {self.stream!r} in {self.store.path!r} "
+                f"consumer {self.consumer!r} of stream {self.stream!r} in {self.path!r} "
                 f"is in use by {result}; close that subscription or pick another consumer name"
             )
         _live_owners.add(self.owner)
@@ -165,13 +169,11 @@ class ConsumerLease:
     async def renew(self) -> bool:
         """Extend the lease; False when it was lost (expired and taken by another)."""
         params = [self.lock, self.owner, self.ttl]
-        return bool(
-            await self.store.write(lambda tx: tx.query(LOCK_RENEW, params)[0]["r"], short=True)
-        )
+        return bool(await self._write(lambda tx: tx.query(LOCK_RENEW, params)[0]["r"], short=True))
 
     async def save(self, offset: int) -> None:
         """Persist the position (monotonic: it never moves back)."""
-        await self.store.write(lambda tx: self._save(tx, offset), short=True)
+        await self._write(lambda tx: self._save(tx, offset), short=True)
 
     def _save(self, tx: StoreTransaction, offset: int) -> None:
         tx.query(SAVE, [self.row, self.stream, offset])
@@ -184,4 +186,4 @@ class ConsumerLease:
             self._save(tx, offset)
             tx.query(LOCK_RELEASE, [self.lock, self.owner])
 
-        await self.store.write(release, short=True)
+        await self._write(release, short=True)

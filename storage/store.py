@@ -227,7 +227,7 @@ class Store:
 
     def consumer_lease(self, stream: str, consumer: str, ttl: int) -> ConsumerLease:
         """The lease (claim and saved position) of alkpubsub's consumer ``consumer``."""
-        return ConsumerLease(self, check_stream_name(stream), consumer, ttl)
+        return ConsumerLease(self.write, self.path, check_stream_name(stream), consumer, ttl)
 
     def stream_head(self, stream: str = DEFAULT_STREAM) -> int:
         """The offset of the newest event in ``stream`` (0 if empty); a consumer's

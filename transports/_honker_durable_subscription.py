@@ -8,20 +8,39 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 from alkpubsub.deadletter import dead_letter, should_dead_letter
 from alkpubsub.errors import ConnectionLost, ConsumerBusy
 from alkpubsub.event import Event
-from alkpubsub.storage import ConsumerLease, Malformed, Store, Watcher, parse_row
-from alkpubsub.transport import Subscription
+from alkpubsub.storage import ConsumerLease, Malformed, RowDecoder, Store, Watcher, parse_row
+from alkpubsub.transport import BaseTransport, Subscription
 
 from ._honker_common import place_offset
 
-if TYPE_CHECKING:
-    from .honker_durable import HonkerDurableTransport
-
 log = logging.getLogger("alkpubsub")
+
+
+@runtime_checkable
+class DurableLog(Protocol):
+    """What the subscription needs from its transport (``HonkerDurableTransport``)."""
+
+    stream: str
+    read_batch: int
+    consumer_ttl: int
+    foreign: str
+    foreign_topic: str
+    decoder: RowDecoder
+    origin: str
+
+    @property
+    def max_deliveries(self) -> int: ...
+
+    async def open_store(self) -> Store: ...
+
+    async def write_dead_letter(self, letter: Event, body: bytes) -> Event: ...
+
+    def report_malformed(self, sub: Subscription | None, kind: str, detail: str) -> None: ...
 
 
 class HonkerDurableSubscription(Subscription):
@@ -29,10 +48,12 @@ class HonkerDurableSubscription(Subscription):
 
     overflow = "pause"
 
-    transport: HonkerDurableTransport
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, transport: BaseTransport, *args: Any, **kwargs: Any) -> None:
+        super().__init__(transport, *args, **kwargs)
+        if not isinstance(transport, DurableLog):
+            raise TypeError(f"{transport!r} is not a durable Honker transport")
+        self.log: DurableLog = transport
+        """The transport, as the log this subscription reads."""
         self._pos = 0  # every row up to here was read
         self._order: deque[int] = deque()  # unacked delivered offsets, oldest first
         self._acked: dict[int, bool] = {}  # offset -> acked, for those in _order
@@ -60,7 +81,7 @@ class HonkerDurableSubscription(Subscription):
     # -- lifecycle ---------------------------------------------------------
 
     async def on_start(self) -> None:
-        transport = self.transport
+        transport = self.log
         store = self._store = await transport.open_store()
         if self.consumer is not None:
             lease = store.consumer_lease(transport.stream, self.consumer, transport.consumer_ttl)
@@ -119,7 +140,7 @@ class HonkerDurableSubscription(Subscription):
     async def _read(self) -> None:
         assert self._store is not None
         rows_after = self._store.rows_after
-        transport = self.transport
+        transport = self.log
         stream, batch = transport.stream, transport.read_batch
         foreign_topic, decode = transport.foreign_topic, transport.decoder.decode
         matches = self.pattern.matches
@@ -172,7 +193,7 @@ class HonkerDurableSubscription(Subscription):
         """Count a row that is no event; a named consumer whose pattern matches the
         topic it is filed under also dead-letters it. If that write fails, the
         reader stops before the row (its position never passes it)."""
-        transport = self.transport
+        transport = self.log
         detail = f"{transport.stream!r} offset {offset}: {row.detail}"
         transport.report_malformed(self, row.kind, detail)
         topic = row.topic
@@ -209,7 +230,7 @@ class HonkerDurableSubscription(Subscription):
         if self._lease is not None and self._acked.get(offset) is not False:
             return  # acked already, or not ours
         deliveries = self._deliveries.get(offset, 1)
-        transport = self.transport
+        transport = self.log
         if should_dead_letter(event.topic, deliveries, transport.max_deliveries):
             why = reason or f"nacked after {deliveries} deliveries"
             letter, body = dead_letter(

@@ -15,8 +15,12 @@ by reference); all writes go through one writer thread that groups concurrent
 publishes into one commit (see ``docs/decisions/003-honker-group-commit-and-fanout.md``).
 Do not open the same file with Python's ``sqlite3`` (or SQLAlchemy's default
 driver) in the same process: two SQLite libraries in one process break each
-other's file locks. Other processes may use any SQLite client; rows they write
-that are not alkpubsub envelopes are counted as malformed and skipped.
+other's file locks. Other processes may use any SQLite client or honker's own API;
+rows they write that are not alkpubsub envelopes are read by
+:mod:`alkpubsub.storage.rows` (foreign JSON or text adopted as events,
+CloudEvents decoded, the rest counted as malformed). alkpubsub's durable
+consumers are the rows ``alkpubsub:<name>`` of ``_honker_stream_consumers``
+(:mod:`alkpubsub.storage.consumers`), apart from honker's own.
 
 New database files (and their ``-wal``, ``-shm`` and ``-alkpubsub.lock``) are
 created owner-only (0600). Notifications older than ``notify_retention``

@@ -324,3 +324,32 @@ async def test_foreign_rows_of_any_type_do_not_stop_durable_readers(
     # Only the rows whose envelope names the topic are filed under it.
     assert exact.stats.dead_lettered == (CLAIMED if consumer else 0)
     await transport.close()
+
+
+async def test_a_dead_letter_that_keeps_failing_is_redelivered_never_buried_again(
+    tmp_path: Path,
+) -> None:
+    transport = await durable(f"honker+durable://{tmp_path}/events.db?max_deliveries=2")
+    async with (
+        transport.subscribe("jobs:x", consumer="worker") as sub,
+        transport.subscribe("dead:jobs:x", consumer="ops") as ops,
+        transport.subscribe(">", consumer="all") as everything,
+    ):
+        sent = await transport.publish("jobs:x", 1)
+        for _ in range(2):
+            [event] = await collect(sub, 1)
+            await sub.nack(event, reason="boom")
+        # The ops consumer fails on the dead letter five times: it keeps coming
+        # back (2 = max_deliveries does not apply to dead letters), never copied.
+        for _ in range(5):
+            [letter] = await collect(ops, 1)
+            await ops.nack(letter, reason="ops failed too")
+        [letter] = await collect_acking(ops, 1)
+        [only] = await collect_acking(everything, 1)  # '>' sees the event, not its letter
+        await nothing_more(everything)
+    assert letter.topic == "dead:jobs:x" and letter.headers["x-dead-reason"] == "boom"
+    assert only.id == sent.id
+    assert ops.stats.dead_lettered == 0 and ops.stats.redelivered == 5
+    rows = transport.store.rows_after("events", 0, 100)
+    assert len(rows) == 2  # the event and one dead letter
+    await transport.close()

@@ -123,12 +123,18 @@ async def test_an_event_the_target_can_never_take_does_not_hold_back_the_rest(
             source.subscribe("dead:>", consumer="ops", start="earliest") as dead,
         ):
             relay = OutboxRelay(source, target, pattern="orders:>", retry_delay=0.01)
-            await asyncio.wait_for(relay.run(limit=1), 30)
-            [got] = await collect(sub, 1)
-            assert got.id == after.id
-            assert relay.stats.refused >= 1
-            [buried] = await collect(dead, 1)
+            stop = asyncio.Event()
+            running = asyncio.create_task(relay.run(stop=stop))
+            try:
+                [got] = await collect(sub, 1)
+                assert got.id == after.id
+                [buried] = await collect(dead, 1)
+            finally:
+                stop.set()
+                await asyncio.wait_for(running, 30)
             assert buried.payload == "x" * 500
+            assert buried.headers["x-original-topic"] == "orders:big"
+            assert relay.stats.refused == 2  # max_deliveries=2, then dead-lettered
     finally:
         await source.close()
         await target.close()

@@ -210,18 +210,29 @@ async def test_a_foreign_message_is_adopted(
     pair: tuple[Transport, str], raw: Client, body: bytes, payload: object, kind: str
 ) -> None:
     transport, prefix = pair
-    async with (
-        transport.subscribe("shop:*", consumer=consumer_for(transport)) as sub,
-        transport.subscribe("shop:order") as exact,
-    ):
-        await raw_send(raw, transport, to_subject(prefix, "shop:order"), body, None)
+    subject = to_subject(prefix, "shop:order")
+    async with transport.subscribe("shop:*", consumer=consumer_for(transport)) as sub:
+        await raw_send(raw, transport, subject, body, None)
         [got] = await collect(sub, 1)
-        [same] = await collect(exact, 1)
+        if sub.consumer is not None:
+            await sub.ack(got)
+    # Deterministic ids: the same message read again has the same id (core: the
+    # same body on the same subject; JetStream: the same stream sequence). One
+    # subscription at a time: nats-server 2.9.10 sometimes skips the second of
+    # two overlapping subscriptions for a publish from another connection
+    # (reproduced with nats-py alone, 9 in 400).
+    if isinstance(transport, NatsDurableTransport):
+        async with transport.subscribe("shop:order", start="earliest") as again:
+            [same] = await collect(again, 1)
+    else:
+        async with transport.subscribe("shop:order") as again:
+            await raw_send(raw, transport, subject, body, None)
+            [same] = await collect(again, 1)
     assert got.topic == "shop:order"
     assert got.payload == payload
     assert got.headers == {"x-alk-foreign": kind}
     assert got.origin == "foreign"
-    assert got.id == same.id  # deterministic: every reader gives it the same id
+    assert got.id == same.id
     assert sub.stats.malformed == 0
 
 

@@ -127,11 +127,13 @@ async def test_wildcards_skip_dead_letters_on_both_transports(
     # A core transport whose prefix is the stream's name sees the stream's
     # subjects, dead letters (<stream>.dead.<topic>) included.
     stream = unique("S")
+    # The publisher connects after both core subscriptions exist (see
+    # test_a_foreign_message_is_adopted on nats-server 2.9.10).
     async with (
-        await alkpubsub.connect(durable_url(nats_server_session, stream)) as durable,
         await alkpubsub.connect(core_url(nats_server_session, stream)) as core,
         core.subscribe(">") as core_all,
         core.subscribe("dead:>") as core_dead,
+        await alkpubsub.connect(durable_url(nats_server_session, stream)) as durable,
     ):
         sent = await _bury_one(durable, "jobs:x")
         [letter] = await collect(core_dead, 1)

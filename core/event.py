@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError, from_json, to_json
 
 from .errors import PayloadError
-from .limits import check_payload, check_size
+from .limits import check_payload, check_size, is_flat_and_valid
 
 JSONValue = Any
 """A JSON value: dict, list, str, int, float, bool or None (nested)."""
@@ -123,12 +123,24 @@ class Event(BaseModel):
         changes nothing), and transports that write to a wire pass the text to
         :meth:`envelope` instead of serialising the payload again. ``max_bytes``
         bounds the payload's JSON size (the transport's limit)."""
-        body = encode_payload(payload, topic=topic, max_bytes=max_bytes)
+        if type(payload) is dict and is_flat_and_valid(payload):
+            # Scalars are immutable: a shallow copy is a snapshot, and costs
+            # 0.1 us where decoding the JSON again costs ~0.5 us.
+            try:
+                body = to_json(payload)
+            except (PydanticSerializationError, ValueError):  # a lone surrogate in a str
+                body = encode_payload(payload, topic=topic)  # raises PayloadError
+            if max_bytes is not None:
+                check_size(body, max_bytes, topic=topic)
+            stored: Any = dict(payload)
+        else:
+            body = encode_payload(payload, topic=topic, max_bytes=max_bytes)
+            stored = from_json(body)
         event = cls._build(
             {
                 "id": uuid7(),
                 "topic": topic,
-                "payload": from_json(body),
+                "payload": stored,
                 "headers": dict(headers) if headers else {},
                 "published_at": datetime.now(UTC),
                 "origin": origin,
@@ -184,7 +196,10 @@ class Event(BaseModel):
                 f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); "
                 "it was not published through alkpubsub"
             ) from None
-        check_payload(event.payload, topic=event.topic)
+        values = event.__dict__
+        payload = values["payload"]
+        if type(payload) is not dict or not is_flat_and_valid(payload):
+            check_payload(payload, topic=values["topic"])
         if offset is not None:
             # A fresh instance nobody else holds yet: set the field in place
             # rather than copying the model (model_copy costs ~2.5 us).

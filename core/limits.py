@@ -69,27 +69,32 @@ def check_payload(payload: Any, *, topic: str = "") -> Any:
         payload = payload.model_dump(mode="json")
     kind = type(payload)
     if kind is dict:
-        # The common case, a flat dict of scalars, in one loop without calls:
-        # 0.6 us for three keys, as long as encoding them takes (timeit, this machine).
-        for k, v in payload.items():
-            t = type(v)
-            if type(k) is not str:
-                break
-            if t is str or t is bool or v is None:
-                continue
-            if t is int:
-                if MIN_INT <= v <= MAX_INT:
-                    continue
-                break
-            if t is float and v - v == 0.0:  # false for NaN and +-Infinity
-                continue
-            break
-        else:
+        if is_flat_and_valid(payload):
             return payload
     elif kind is str or kind is bool or payload is None:
         return payload
     _walk(payload, [], topic)
     return payload
+
+
+def is_flat_and_valid(payload: dict[Any, Any]) -> bool:
+    """True when ``payload`` is a dict of ``str`` keys and valid scalars: the
+    common case, checked in one loop without calls (0.6 us for three keys, as
+    long as encoding them takes). False means: not known valid, walk it."""
+    for k, v in payload.items():
+        t = type(v)
+        if type(k) is not str:
+            return False
+        if t is str or t is bool or v is None:
+            continue
+        if t is int:
+            if MIN_INT <= v <= MAX_INT:
+                continue
+            return False
+        if t is float and v - v == 0.0:  # false for NaN and +-Infinity
+            continue
+        return False
+    return True
 
 
 def _check_number(value: int | float, path: list[str | int], topic: str) -> None:

@@ -24,7 +24,8 @@ The payload is the original event's payload; for a malformed message, its
 text (undecodable bytes replaced), at most :data:`MAX_RAW_CHARS` characters,
 with ``x-dead-truncated: true`` when cut. The dead letter's id is derived from
 the original's id (or text) and the consumer, so writing the same dead letter
-twice after a crash gives the same id (JetStream deduplicates it).
+twice after a crash gives the same id (JetStream deduplicates it), while two
+malformed messages with the same text at different positions get two ids.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ def dead_letter(
         if len(text) > MAX_RAW_CHARS:
             headers["x-dead-truncated"] = "true"
         kind, original_id = "malformed", ""
-        seed = hashlib.sha256(text.encode(errors="replace")).hexdigest()
+        # Two malformed messages with the same text are two dead letters (a
+        # broker deduplicating by id would keep one): the position tells them
+        # apart, and writing the same one again after a crash keeps its id.
+        digest = hashlib.sha256(text.encode(errors="replace")).hexdigest()
+        seed = digest if offset is None else f"{offset}/{digest}"
     headers.update(
         {
             "x-dead-reason": _reason(reason),

@@ -68,33 +68,83 @@ def check_payload(payload: Any, *, topic: str = "") -> Any:
     if isinstance(payload, BaseModel):
         payload = payload.model_dump(mode="json")
     kind = type(payload)
-    if kind is dict:
-        if is_flat_and_valid(payload):
-            return payload
-    elif kind is str or kind is bool or payload is None:
+    if kind is str or kind is bool or payload is None:
         return payload
-    _walk(payload, [], topic)
+    if not _valid(payload, 0):
+        # Not known valid: walk it again, slowly, to say where and why.
+        _walk(payload, [], topic)
     return payload
 
 
-def is_flat_and_valid(payload: dict[Any, Any]) -> bool:
-    """True when ``payload`` is a dict of ``str`` keys and valid scalars: the
-    common case, checked in one loop without calls (0.6 us for three keys, as
-    long as encoding them takes). False means: not known valid, walk it."""
+def _valid(value: Any, depth: int) -> bool:
+    """True when ``value`` is plain JSON data within the limits; False when it is
+    not, or might not be (a model, a subclass): then :func:`_walk` decides.
+    No paths, no messages: ~0.15 us per value where ``_walk`` takes ~0.5 us."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(MIN_INT <= value <= MAX_INT)
+    if kind is float:
+        return bool(value - value == 0.0)  # false for NaN and +-Infinity
+    if depth >= MAX_DEPTH:
+        return False
+    if kind is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                return False
+            t = type(v)
+            if t is str or t is bool or v is None:
+                continue
+            if not _valid(v, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        for v in value:
+            t = type(v)
+            if t is str or t is bool or v is None:
+                continue
+            if not _valid(v, depth + 1):
+                return False
+        return True
+    return False
+
+
+FLAT = 2
+""":func:`classify`: a dict of ``str`` keys and valid scalars only."""
+NESTED = 1
+""":func:`classify`: valid plain JSON data with lists or objects inside."""
+UNKNOWN = 0
+""":func:`classify`: invalid, or not plain data (a model): :func:`check_payload` decides."""
+
+
+def classify(payload: dict[Any, Any]) -> int:
+    """One pass over a dict payload: :data:`FLAT`, :data:`NESTED` or :data:`UNKNOWN`.
+    A flat dict of scalars can be snapshotted with a shallow copy."""
+    flat = True
     for k, v in payload.items():
         t = type(v)
         if type(k) is not str:
-            return False
+            return UNKNOWN
         if t is str or t is bool or v is None:
             continue
         if t is int:
             if MIN_INT <= v <= MAX_INT:
                 continue
-            return False
-        if t is float and v - v == 0.0:  # false for NaN and +-Infinity
-            continue
-        return False
-    return True
+            return UNKNOWN
+        if t is float:
+            if v - v == 0.0:  # false for NaN and +-Infinity
+                continue
+            return UNKNOWN
+        if not _valid(v, 1):
+            return UNKNOWN
+        flat = False
+    return FLAT if flat else NESTED
+
+
+def is_flat_and_valid(payload: dict[Any, Any]) -> bool:
+    """True when ``payload`` is a dict of ``str`` keys and valid scalars."""
+    return classify(payload) == FLAT
 
 
 def _check_number(value: int | float, path: list[str | int], topic: str) -> None:

@@ -101,7 +101,7 @@ class NatsConnectionOptions(TransportOptions):
 
     name: str | None = None
     connect_timeout: float = 5.0
-    reconnect_wait: float = 0.1
+    reconnect_wait: float = 0.5
     reconnect_timeout: float = 60.0
     pending_size: int = 2 * 1024 * 1024
     tls_ca: str | None = None

@@ -39,10 +39,7 @@ Transport Options
                                 travels as ``alk.graph.created``
     name              none      connection name shown in NATS monitoring
     connect_timeout   5         seconds to get the first connection
-    reconnect_wait    0.1       seconds between reconnect attempts (nats-py adds
-                                jitter); at 0.5 a restarted server waited up to
-                                0.5 s for this subscriber to resubscribe, and
-                                every event published meanwhile was lost
+    reconnect_wait    0.5       seconds between reconnect attempts
     reconnect_timeout 60        seconds without a server before giving up
     pending_size      2097152   bytes of publishes buffered while disconnected
     pending_limit     524288    messages nats-py queues per pattern before it

@@ -142,11 +142,6 @@ def classify(payload: dict[Any, Any]) -> int:
     return FLAT if flat else NESTED
 
 
-def is_flat_and_valid(payload: dict[Any, Any]) -> bool:
-    """True when ``payload`` is a dict of ``str`` keys and valid scalars."""
-    return classify(payload) == FLAT
-
-
 def _check_number(value: int | float, path: list[str | int], topic: str) -> None:
     if type(value) is int:
         if not MIN_INT <= value <= MAX_INT:

@@ -64,21 +64,21 @@ def validate_topic(topic: str) -> str:
 def validate_publish_topic(topic: str) -> str:
     """Like :func:`validate_topic`, and refuse the reserved first segment ``dead``:
     only a durable transport writes dead letters."""
-    if type(topic) is str and topic in _PUBLISHABLE:
-        return topic  # the hot path: a topic this process already published to
+    if type(topic) is not str:
+        _check_text(topic, "topic")  # raises, naming the type
+    return _validate_publish_topic(topic)
+
+
+@lru_cache(maxsize=65536)
+def _validate_publish_topic(topic: str) -> str:
+    # Cached like _validate_topic: the hot path is a topic published to before.
     _validate_topic(_check_text(topic, "topic"))
     if is_dead_letter(topic):
         raise InvalidTopic(
             f"topic {topic[:60]!r}: the first segment {DEAD!r} is reserved for dead letters; "
             "publish under another name"
         )
-    if len(_PUBLISHABLE) < 65536:
-        _PUBLISHABLE.add(topic)
     return topic
-
-
-_PUBLISHABLE: set[str] = set()
-"""Topics already checked by :func:`validate_publish_topic` (bounded)."""
 
 
 def is_dead_letter(topic: str) -> bool:

@@ -126,7 +126,7 @@ class BaseTransport:
         self.check_open()
         validate_publish_topic(topic)
         if headers:
-            headers = check_headers(headers)
+            check_headers(headers)  # Event.create makes the one copy
         elif headers is not None and not isinstance(headers, dict):
             check_headers(headers)
         if key is not None:

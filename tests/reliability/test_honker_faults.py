@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from brokers import in_ci
 
 import alkpubsub
 from alkpubsub import PubSubError
@@ -173,6 +174,8 @@ async def test_unwritable_file_fails_publishes_clearly_and_recovers(tmp_path: Pa
     with tmpfs(tmp_path / "ro", "4m") as unavailable:
         if unavailable is not None:
             # Not a skip: the RLIMIT_FSIZE case above ran and is the fallback.
+            # CI runs as root with mount: there the real case must run.
+            assert not in_ci(), f"CI could not mount a tmpfs: {unavailable}"
             print(
                 f"RELIABILITY honker-unwritable mechanism=read-only-tmpfs not-run ({unavailable})"
             )
@@ -204,7 +207,8 @@ async def test_unwritable_file_fails_publishes_clearly_and_recovers(tmp_path: Pa
 async def test_disk_full_fails_publishes_clearly_and_recovers(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", "1m") as unavailable:
         if unavailable is not None:
-            # Fallback: EFBIG from RLIMIT_FSIZE stands in for ENOSPC.
+            # Fallback: EFBIG from RLIMIT_FSIZE stands in for ENOSPC (not under CI).
+            assert not in_ci(), f"CI could not mount a tmpfs: {unavailable}"
             failures = assert_clean_failures(await run_fsize_child(str(tmp_path / "f.db")))
             print(
                 f"RELIABILITY honker-disk-full mechanism=RLIMIT_FSIZE-fallback ({unavailable}) "

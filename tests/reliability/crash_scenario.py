@@ -39,6 +39,11 @@ PACE = 0.005
 BUFFER = 100
 """The consumer's buffer: events delivered ahead of processing (lost with a killed
 consumer, redelivered to the next one, never counted as processed)."""
+SETTLE = 3.0
+"""Seconds without a delivery before the last consumer closes: above the test
+URLs' ack_wait (2 s) and Redis claim_idle (1 s), so late redeliveries land."""
+SETTLE_WITHIN = 20.0
+"""Upper bound on that wait."""
 RUN_WITHIN = 150.0
 """Seconds the whole run may take before the test fails (it takes ~20-30 s)."""
 
@@ -110,6 +115,7 @@ class CrashScenario:
                     f"{plan}; consumer log:\n{consumer.log_tail()}"
                 )
             await asyncio.sleep(0.02)
+        await self._settle(consumer, publisher)
         code = consumer.stop()
         self._poll(consumer, publisher)
         assert code == 0, f"the last consumer did not close cleanly ({code}): {consumer.log_tail()}"
@@ -148,6 +154,26 @@ class CrashScenario:
         if self.die_at is not None:
             args += [str(self.die_at), f"{self.die_delay:.6f}"]
         return children.start(name, "child_publisher.py", *args)
+
+    async def _settle(self, consumer: Child, publisher: Child) -> None:
+        """Wait until no delivery has come for ``SETTLE`` s (at most ``SETTLE_WITHIN``).
+
+        A broker SIGKILL can lose acks the server had not stored yet; JetStream
+        delivers those events again once their ``ack_wait`` runs out, possibly
+        after the last event was first processed. The live consumer takes them
+        (counted as duplicates, held to the window); closing before would leave
+        them for the next member, which is at-least-once, not a clean close."""
+
+        def deliveries() -> int:
+            return sum(len(times) for times in self.ledger.processed.values())
+
+        seen, quiet_since = deliveries(), time.monotonic()
+        give_up = quiet_since + SETTLE_WITHIN
+        while time.monotonic() - quiet_since < SETTLE and time.monotonic() < give_up:
+            await asyncio.sleep(0.1)
+            self._poll(consumer, publisher)
+            if (now := deliveries()) != seen:
+                seen, quiet_since = now, time.monotonic()
 
     def _poll(self, consumer: Child, publisher: Child) -> None:
         for words in consumer.reader.new_lines():

@@ -9,6 +9,7 @@ gives every one of them :class:`Connectable` and :class:`Forwarding`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
@@ -31,6 +32,31 @@ class Forwarding(Protocol):
     composite or relay lets subscribers deduplicate by id across transports."""
 
     async def forward(self, event: Event) -> Event: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """What became of one event handed to :meth:`BatchForwarding.forward_many`."""
+
+    event: Event
+    """The event as the target stored it (its ``offset`` set where the target has one)."""
+    duplicate: bool = False
+    """The target already held this id within its dedupe window and dropped the
+    copy (JetStream ``Nats-Msg-Id``, the Redis transports' ``dedupe_window``)."""
+    refused: Exception | None = None
+    """Set when the target can never take this event (a :class:`PayloadError`,
+    e.g. too large for it); the other events of the batch were still forwarded."""
+
+
+@runtime_checkable
+class BatchForwarding(Protocol):
+    """Forwards existing events unchanged in one pipelined batch, in order, and
+    says which the target deduplicated or refused (the outbox relay uses it).
+    It returns only once the target confirmed every event it did not refuse;
+    any other failure raises, and the whole batch may be forwarded again
+    (targets that deduplicate by id drop the copies)."""
+
+    async def forward_many(self, events: Sequence[Event]) -> list[Forwarded]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, Self, runtime_checkable
 
+from .abilities import Forwarded
 from .capabilities import Capabilities, Start
-from .errors import Closed, ConfigError, PayloadError
+from .errors import Closed, ConfigError, InvalidTopic, PayloadError
 from .event import Event, encode_payload, new_origin
 from .limits import MAX_PAYLOAD_BYTES, check_key
 from .limits import check_headers as check_headers
@@ -168,6 +169,34 @@ class BaseTransport:
         validate_topic(event.topic)
         body = encode_payload(event.payload, topic=event.topic, max_bytes=self.max_payload_bytes)
         return await self.send(event, body)
+
+    async def forward_many(self, events: Sequence[Event]) -> list[Forwarded]:
+        """Forward ``events`` unchanged as one batch (:class:`BatchForwarding`):
+        an event this transport can never take is returned ``refused`` and the
+        rest still go, in order, through :meth:`forward_batch`."""
+        self.check_open()
+        results: list[Forwarded | None] = []
+        batch: list[tuple[Event, bytes]] = []
+        limit = self.max_payload_bytes
+        for event in events:
+            if event.offset is not None:
+                event = event.with_offset(None)  # the source's position is not the target's
+            try:
+                validate_topic(event.topic)
+                body = encode_payload(event.payload, topic=event.topic, max_bytes=limit)
+            except (InvalidTopic, PayloadError) as exc:
+                results.append(Forwarded(event, refused=exc))
+                continue
+            results.append(None)
+            batch.append((event, body))
+        done = iter(await self.forward_batch(batch) if batch else [])
+        return [r if r is not None else next(done) for r in results]
+
+    async def forward_batch(self, batch: list[tuple[Event, bytes]]) -> list[Forwarded]:
+        """Transport hook for :meth:`forward_many`: send checked events in order
+        and say which the broker deduplicated. The default sends them with
+        :meth:`send_batch` and reports none as duplicates."""
+        return [Forwarded(event) for event in await self.send_batch(batch)]
 
     async def send(self, event: Event, body: bytes) -> Event:
         """Transport hook: put one already-checked event on the wire (``body`` is

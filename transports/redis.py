@@ -42,6 +42,17 @@ Features
     a retried publish may, rarely, arrive twice (when the server took it but
     its reply was lost).
 
+    Forwarding (``forward``, ``forward_many``: the outbox relay, a composite
+    leg) deduplicates by event id within ``dedupe_window`` seconds: an id
+    forwarded again to the same channel is not published again and is
+    reported ``duplicate``, across relay crashes and restarts and between
+    concurrent relays (an atomic Lua script per event sets the key
+    ``alkpubsub:dedupe:<channel>:<event id>`` and publishes; a batch is one
+    pipelined round trip). The keys live in the URL's database (channels do
+    not), expire with the window and cost ~150 bytes per event in it
+    (``_redis_dedupe.py``). ``publish`` never pays for it. Redis Cluster is
+    not supported.
+
     Pub/sub channels are global to a Redis server: the database number does
     not separate them. Give applications that share a server their own
     ``prefix``.
@@ -61,6 +72,8 @@ Transport Options
                                   (``dead_letter`` is a ConfigError: no dead letters here)
     reconnect_timeout = 30.0      seconds an outage may last before subscriptions fail
     connect_timeout = 5.0         seconds to open a TCP connection
+    dedupe_window = 120.0         seconds a forwarded event id is remembered (0 = forward
+                                  without dedupe; at most 30 days)
 """
 
 from __future__ import annotations
@@ -72,6 +85,7 @@ import time
 from pydantic import Field, field_validator
 from redis import exceptions as rex
 
+from alkpubsub.abilities import Forwarded
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.cloudevents import to_structured
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
@@ -93,6 +107,7 @@ from ._redis_common import (
     translate,
 )
 from ._redis_decode import channel_seed, decode_body
+from ._redis_dedupe import MAX_WINDOW, PUBLISH_SCRIPT, DedupeScript, forward_one
 from ._redis_wire import Frame, PubSubWire, open_wire, pack
 
 log = logging.getLogger("alkpubsub.redis")
@@ -112,6 +127,7 @@ class RedisOptions(TransportOptions):
     foreign: str = "adopt"
     reconnect_timeout: float = Field(30.0, ge=0)
     connect_timeout: float = Field(5.0, gt=0)
+    dedupe_window: float = Field(120.0, ge=0, le=MAX_WINDOW)
 
     @field_validator("format")
     @classmethod
@@ -167,6 +183,9 @@ class RedisTransport(BaseTransport):
         self._cloudevents = options.format == "cloudevents"
         self._adopt = options.foreign == "adopt"
         self._client = target.client(retries=2, connect_timeout=options.connect_timeout)
+        self._dedupe: DedupeScript | None = None
+        if options.dedupe_window > 0:
+            self._dedupe = DedupeScript(PUBLISH_SCRIPT, target, options.dedupe_window, b"")
         self._plan = ChannelPlan(self._prefix)
         self._router: Router[RedisSubscription] = Router()
         self._attached: dict[RedisSubscription, Key] = {}
@@ -219,6 +238,32 @@ class RedisTransport(BaseTransport):
         except CONNECTION_ERRORS as exc:
             raise translate(exc, self.target, f"publishing {len(batch)} events") from None
         return [event for event, _ in batch]
+
+    async def forward(self, event: Event) -> Event:
+        """Publish an existing event unchanged, unless its id was forwarded to
+        its channel within ``dedupe_window``."""
+        if self._dedupe is None:
+            return await super().forward(event)
+        return await forward_one(self, event)
+
+    async def forward_batch(self, batch: list[tuple[Event, bytes]]) -> list[Forwarded]:
+        """Publish the events in one pipelined round trip, in order, each unless
+        its id was forwarded to its channel within ``dedupe_window``."""
+        dedupe = self._dedupe
+        if dedupe is None:
+            return await super().forward_batch(batch)
+        prefix, window, key, message = self._prefix, dedupe.window_ms, dedupe.key, self.message
+        calls = []
+        for event, body in batch:
+            channel = prefix + event.topic.encode()
+            calls.append(
+                (b"1", key(event.id, channel + b":"), window, channel, message(event, body))
+            )
+        replies = await dedupe.run(self._client, calls, f"forwarding {len(batch)} events")
+        return [
+            Forwarded(event, duplicate=not sent)
+            for (event, _), sent in zip(batch, replies, strict=True)
+        ]
 
     # -- subscribing -------------------------------------------------------
 

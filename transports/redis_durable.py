@@ -66,6 +66,18 @@ Features
     Publishes retry twice within ~1 s, then raise :class:`ConnectionLost`
     (a retried publish may be stored twice, with the same event id).
 
+    Forwarding (``forward``, ``forward_many``: the outbox relay, a composite
+    leg) deduplicates by event id within ``dedupe_window`` seconds: an id
+    forwarded again is not added again, and is reported ``duplicate`` with the
+    original entry's offset, across relay crashes and restarts and between
+    concurrent relays (an atomic Lua script per event sets the key
+    ``alkpubsub:dedupe:{<stream>}:<event id>``, holding the entry id, and adds
+    the entry; a batch is one pipelined round trip). The keys persist with
+    the server's data and expire with the window; they cost ~150 bytes per
+    event in the window (``_redis_dedupe.py``). ``publish`` never pays for
+    it. Redis Cluster is not supported (the keys carry the stream's hash tag,
+    but nothing else is cluster-aware).
+
 Connection String
     ``redis+durable://[[user]:password@]host[:6379][/db]?stream=events``
     ``rediss+durable://...`` for TLS (files from ``Settings.tls_*``)
@@ -83,6 +95,8 @@ Transport Options
     batch = 100                   entries per XREADGROUP / XAUTOCLAIM
     reconnect_timeout = 30.0      seconds an outage may last before subscriptions fail
     connect_timeout = 5.0         seconds to open a TCP connection
+    dedupe_window = 120.0         seconds a forwarded event id is remembered (0 = forward
+                                  without dedupe; at most 30 days)
 """
 
 from __future__ import annotations
@@ -92,7 +106,7 @@ from typing import Any, Literal
 from pydantic import Field
 from redis import exceptions as rex
 
-from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat
+from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat, Forwarded
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.cloudevents import to_binary, to_structured
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
@@ -110,6 +124,7 @@ from ._redis_common import (
     redis_target,
     translate,
 )
+from ._redis_dedupe import MAX_WINDOW, XADD_SCRIPT, DedupeScript, entry_offset, forward_one
 from ._redis_subscription import BLOCK_MS, RedisStreamSubscription
 
 
@@ -125,6 +140,7 @@ class RedisDurableOptions(TransportOptions):
     batch: int = Field(100, ge=1, le=10_000)
     reconnect_timeout: float = Field(30.0, ge=0)
     connect_timeout: float = Field(5.0, gt=0)
+    dedupe_window: float = Field(120.0, ge=0, le=MAX_WINDOW)
 
 
 class RedisDurableTransport(BaseTransport):
@@ -167,6 +183,10 @@ class RedisDurableTransport(BaseTransport):
         )
         trim = (b"MAXLEN", b"~", str(options.maxlen).encode()) if options.maxlen else ()
         self._xadd_head = (b"XADD", self.stream.encode(), *trim, b"*")
+        self._dedupe: DedupeScript | None = None
+        if options.dedupe_window > 0:
+            scope = b"{%b}:" % self.stream.encode()  # the stream key's hash slot
+            self._dedupe = DedupeScript(XADD_SCRIPT, target, options.dedupe_window, scope)
         self._client = target.client(retries=2, connect_timeout=options.connect_timeout)
         self._io = target.client(
             retries=0, connect_timeout=options.connect_timeout, read_timeout=BLOCK_MS / 1000 + 10
@@ -230,6 +250,29 @@ class RedisDurableTransport(BaseTransport):
         except CONNECTION_ERRORS as exc:
             raise translate(exc, self.target, f"publishing {len(batch)} events") from None
         return [e.with_offset(id_to_offset(i)) for (e, _), i in zip(batch, ids, strict=True)]
+
+    async def forward(self, event: Event) -> Event:
+        """Add an existing event unchanged, deduplicated by id within
+        ``dedupe_window`` (a duplicate returns with the original's offset)."""
+        if self._dedupe is None:
+            return await super().forward(event)
+        return await forward_one(self, event)
+
+    async def forward_batch(self, batch: list[tuple[Event, bytes]]) -> list[Forwarded]:
+        """Add the events in one pipelined round trip, in order, each unless its
+        id was forwarded within ``dedupe_window`` (see the module docstring)."""
+        dedupe = self._dedupe
+        if dedupe is None:
+            return await super().forward_batch(batch)
+        stream, window, key, xadd = self._xadd_head[1], dedupe.window_ms, dedupe.key, self._xadd
+        calls = [  # XADD's arguments after its key: trim, "*", the fields
+            (b"2", stream, key(event.id), window, *xadd(event, body)[2:]) for event, body in batch
+        ]
+        replies = await dedupe.run(self._client, calls, f"forwarding {len(batch)} events")
+        return [
+            Forwarded(event.with_offset(entry_offset(entry)), duplicate=not added)
+            for (event, _), (added, entry) in zip(batch, replies, strict=True)
+        ]
 
     def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int

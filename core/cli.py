@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -86,20 +87,79 @@ async def cmd_stats(args: argparse.Namespace) -> int:
             print(f"{transport.name}: no consumers yet")
         for row in rows:
             print("  ".join(f"{k}={v}" for k, v in row.as_dict().items()))
+        await _print_relays(transport)
     return 0
 
 
+async def _print_relays(transport: Transport) -> None:
+    """The counters outbox relays on this Honker file persisted beside it."""
+    from alkpubsub.storage.outbox_relay import StoreBacked
+    from alkpubsub.storage.relay_stats import read_stats
+
+    if not isinstance(transport, StoreBacked):
+        return
+    store = await transport.open_store()
+    now = time.time()
+    for record in read_stats(store.path):
+        fields = ["consumer", "active", "pid", "forwarded", "duplicates", "retried", "refused"]
+        fields += ["batches", "lag", "target"]
+        line = [f"relay={record.get('consumer')}"]
+        line += [f"{k}={record.get(k)}" for k in fields[1:] if record.get(k) is not None]
+        updated = record.get("updated_at")
+        if isinstance(updated, (int, float)):
+            line.append(f"updated={max(now - updated, 0):.1f}s_ago")
+        if record.get("gone"):
+            line.append("(its process is gone)")
+        if record.get("last_error"):
+            line.append(f"last_error={record['last_error']!r}")
+        print("  ".join(line))
+
+
 async def cmd_relay(args: argparse.Namespace) -> int:
+    import signal
+
     from alkpubsub.storage.outbox_relay import OutboxRelay
 
-    source = await connect(getattr(args, "from"))
-    target = await connect(args.to)
-    relay = OutboxRelay(source, target, pattern=args.pattern, consumer=args.consumer)
-    print(f"relaying {redact_url(getattr(args, 'from'))} -> {redact_url(args.to)}", flush=True)
+    source_url, target_url = getattr(args, "from"), args.to
+    source = await connect(source_url)
     try:
-        await relay.run(limit=args.count)
+        target = await connect(target_url)
+    except BaseException:
+        await source.close()
+        raise
+
+    def state(active: bool, detail: str) -> None:
+        print(f"relay {args.consumer}: {detail}", flush=True)
+
+    relay = OutboxRelay(
+        source,
+        target,
+        pattern=args.pattern,
+        consumer=args.consumer,
+        batch=args.batch,
+        on_state=state,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"relay {args.consumer}: {redact_url(source_url)} -> {redact_url(target_url)} "
+        f"(pattern {args.pattern!r}, batch {args.batch}, pid {os.getpid()})",
+        flush=True,
+    )
+    try:
+        await relay.run(stop=stop, limit=args.count)
     finally:
-        print(f"forwarded {relay.stats.forwarded} events", flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        stats = relay.stats
+        print(
+            f"relay {args.consumer}: stopped; forwarded={stats.forwarded} "
+            f"duplicates={stats.duplicates} refused={stats.refused} retried={stats.retried} "
+            f"batches={stats.batches}",
+            flush=True,
+        )
         await source.close()
         await target.close()
     return 0
@@ -202,7 +262,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from", required=True, help="durable source, e.g. honker+durable:///app.db")
     p.add_argument("--to", required=True, help="target, e.g. nats+durable://host:4222")
     p.add_argument("--pattern", default=">")
-    p.add_argument("--consumer", default="outbox-relay")
+    p.add_argument("--consumer", default="outbox-relay", help="the relay's durable consumer")
+    p.add_argument("--batch", type=int, default=256, help="events per forwarded batch")
     p.add_argument("--count", type=int, help="stop after N events")
     p.set_defaults(run=cmd_relay)
 

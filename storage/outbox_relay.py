@@ -1,40 +1,85 @@
 """Outbox relay: carry committed events from a durable source to a broker.
 
 The relay is a durable consumer of the source (normally
-``honker+durable:///app.db``): it forwards each event unchanged (same ``id``
-and ``origin``) to the target and acks it at the source only after the target
-accepted it. So it delivers at least once; the target deduplicates retries by
-event id (JetStream ``Nats-Msg-Id``; see each transport's docs), and
-subscribers on other nodes see each event once.
+``honker+durable:///app.db``, consumer ``outbox-relay``). It reads up to
+``batch`` events (whatever is buffered once the first arrives; it never waits
+to fill a batch), forwards them unchanged (same ``id`` and ``origin``) in one
+pipelined batch with :meth:`~alkpubsub.abilities.BatchForwarding.forward_many`,
+and acks at the source, in order, each event the target confirmed, including
+those it reports as ``duplicate`` (already stored: JetStream ``Nats-Msg-Id``,
+the Redis transports' dedupe window). So it delivers at least once, and
+subscribers on other nodes see each event once where the target deduplicates.
+
+- **Refused** events (the target can never take them, e.g. over its size
+  limit) are nacked with the reason; the source dead-letters them after its
+  ``max_deliveries``. The rest of the batch goes on.
+- **Target down**: a batch whose forward fails (``ConnectionLost``,
+  ``PublishError``, any other :class:`~alkpubsub.PubSubError`) is tried again,
+  whole and in order, after ``retry_delay`` seconds doubling to
+  ``max_retry_delay``; nothing is skipped or reordered, nothing is acked
+  before the target confirmed it.
+- **One active relay** per source file and consumer name: the source's
+  consumer lease refuses a second one with ``ConsumerBusy``; that relay stands
+  by, tries again every ``standby_poll`` seconds and takes over once the name
+  is free (at once after the active one stopped or died on this host; after
+  the source's ``consumer_ttl`` for another host).
+- **Stop**: when ``stop`` is set, the relay stops reading, finishes the batch
+  in flight (acks what the target confirmed; a batch the target cannot take
+  right now stays unacked and is forwarded again by the next relay), closes
+  the subscription (which saves the position) and returns.
+
+Counters are in ``relay.stats`` (:class:`RelayStats`) and, for a Honker
+source, in ``<db>.relay-<consumer>.json`` beside the database, rewritten about
+every ``stats_interval`` seconds for ``alkpubsub stats`` (see
+:mod:`alkpubsub.storage.relay_stats` for why a file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
-from alkpubsub.abilities import Forwarding
-from alkpubsub.errors import ConfigError, PayloadError, PubSubError
+from alkpubsub.abilities import BatchForwarding, ConsumerStatsSource, Forwarded
+from alkpubsub.capabilities import Start
+from alkpubsub.config import redact_url
+from alkpubsub.errors import (
+    Closed,
+    ConfigError,
+    ConnectionLost,
+    ConsumerBusy,
+    InvalidTopic,
+    PayloadError,
+    PubSubError,
+)
 from alkpubsub.event import Event
+from alkpubsub.subscription import DEFAULT_BUFFER, Subscription
 from alkpubsub.transport import Transport
+
+from .relay_stats import RelayStats, relay_record, stats_path, write_stats, written_by
+from .store import Store
+
+__all__ = ["OutboxRelay", "RelayStats"]
 
 log = logging.getLogger("alkpubsub.relay")
 
+StateCallback = Callable[[bool, str], None]
+"""Called with ``(active, detail)`` when the relay becomes active or stands by."""
 
-@dataclass
-class RelayStats:
-    """What the relay has done so far."""
 
-    forwarded: int = 0
-    retries: int = 0
-    refused: int = 0
-    """Events the target can never take (e.g. over its size limit): nacked at
-    the source, which dead-letters them after its ``max_deliveries``."""
+@runtime_checkable
+class StoreBacked(Protocol):
+    """A source that lives in a Honker file (the stats file goes beside it)."""
+
+    async def open_store(self) -> Store: ...
 
 
 class OutboxRelay:
-    """Forward events matching ``pattern`` from ``source`` to ``target``."""
+    """Forward events matching ``pattern`` from ``source`` to ``target`` in batches."""
 
     def __init__(
         self,
@@ -43,65 +88,301 @@ class OutboxRelay:
         *,
         pattern: str = ">",
         consumer: str = "outbox-relay",
-        start: int | str = "earliest",
-        retry_delay: float = 1.0,
+        start: Start = "earliest",
+        batch: int = 256,
+        retry_delay: float = 0.1,
+        max_retry_delay: float = 2.0,
+        standby_poll: float = 0.5,
+        stats_interval: float = 1.0,
+        stats_file: bool = True,
+        on_state: StateCallback | None = None,
     ) -> None:
         if not source.capabilities.consumer_offsets:
             raise ConfigError(
                 f"relay source {source.name} is not durable; use a honker+durable:// URL "
                 "so the relay can resume where it stopped"
             )
-        if not isinstance(target, Forwarding):
+        if not isinstance(target, BatchForwarding):
             raise ConfigError(f"relay target {target.name} cannot forward events unchanged")
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ConfigError(f"batch={batch!r} must be a positive int (events)")
         self.source = source
         self.target = target
         self.pattern = pattern
         self.consumer = consumer
         self.start = start
+        self.batch = batch
         self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
+        self.standby_poll = standby_poll
+        self.stats_interval = stats_interval
         self.stats = RelayStats()
+        self.stats_path: Path | None = None
+        """Where the counters are written (set once the source's file is known)."""
+        self._stats_file = stats_file
+        self._on_state = on_state
+        self._position = 0  # the source offset of the last event acked
+        self._stop: asyncio.Event = asyncio.Event()
+        self._stopper: asyncio.Task[bool] | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while this relay holds the consumer name and forwards."""
+        return self.stats.active
+
+    @property
+    def handled(self) -> int:
+        """Events confirmed at the target and acked at the source (new or duplicate)."""
+        return self.stats.forwarded + self.stats.duplicates
+
+    # -- running -------------------------------------------------------------
 
     async def run(self, *, stop: asyncio.Event | None = None, limit: int | None = None) -> None:
-        """Relay until ``stop`` is set, ``limit`` events were forwarded, or cancelled."""
-        sub = self.source.subscribe(
-            self.pattern,
-            consumer=self.consumer,
-            start=self.start,  # type: ignore[arg-type]
-        )
-        async with sub:
-            while (stop is None or not stop.is_set()) and (
-                limit is None or self.stats.forwarded < limit
-            ):
+        """Relay until ``stop`` is set (in-flight work is finished first),
+        ``limit`` events were handled, or the task is cancelled."""
+        self._stop = stop = stop or asyncio.Event()
+        self._stopper = asyncio.create_task(stop.wait(), name="alkpubsub-relay-stop")
+        if self._stats_file and isinstance(self.source, StoreBacked):
+            store = await self.source.open_store()
+            self.stats_path = stats_path(store.path, self.consumer)
+        reporter = asyncio.create_task(self._report_loop(), name="alkpubsub-relay-stats")
+        try:
+            while not self._finished(limit):
+                sub = await self._claim()
+                if sub is None:
+                    break
                 try:
-                    event = await sub.get(timeout=0.5)
-                except TimeoutError:
-                    continue
-                if await self._forward(event):
-                    await sub.ack(event)
-                    self.stats.forwarded += 1
-                else:
-                    await sub.nack(event)
+                    ended = await self._pump(sub, limit)
+                except (ConsumerBusy, ConnectionLost) as exc:
+                    # Lost the lease (or the reader stopped): stand by and claim again.
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("relay %s: source subscription failed (%s)", self.consumer, exc)
+                    ended = False
+                finally:
+                    await sub.close()  # saves the position
+                    self._set_active(False, "stopped")
+                    await self._report()
+                if ended:
+                    break
+        finally:
+            reporter.cancel()
+            self._stopper.cancel()
+            await asyncio.gather(reporter, self._stopper, return_exceptions=True)
+            self._write_final()
 
-    async def _forward(self, event: Event) -> bool:
-        """Forward ``event``; False when the target can never take it."""
+    def _finished(self, limit: int | None) -> bool:
+        return self._stop.is_set() or (limit is not None and self.handled >= limit)
+
+    async def _claim(self) -> Subscription | None:
+        """Subscribe as the consumer, standing by while another relay holds it."""
+        announced = False
+        buffer = max(DEFAULT_BUFFER, 4 * self.batch)
+        while not self._stop.is_set():
+            sub = self.source.subscribe(
+                self.pattern, consumer=self.consumer, start=self.start, buffer=buffer
+            )
+            try:
+                await sub.start()
+            except ConsumerBusy as exc:
+                if not announced:
+                    announced = True
+                    log.info("relay %s: standby (%s)", self.consumer, exc)
+                    self._set_active(False, f"standby: {exc}")
+                await self._sleep(self.standby_poll)
+                continue
+            self._set_active(True, f"active: consumer {self.consumer!r} claimed")
+            return sub
+        return None
+
+    def _set_active(self, active: bool, detail: str) -> None:
+        was, self.stats.active = self.stats.active, active
+        if active != was or (not active and detail.startswith("standby")):
+            if active:
+                log.info("relay %s: active", self.consumer)
+            if self._on_state is not None:
+                self._on_state(active, detail)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if stopped; True when stopped."""
+        stopper = self._stopper
+        assert stopper is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stopper), seconds)
+        return self._stop.is_set()
+
+    async def _pump(self, sub: Subscription, limit: int | None) -> bool:
+        """Forward batches until stopped (True) or the subscription ended (True)."""
+        while not self._finished(limit):
+            cap = self.batch if limit is None else min(self.batch, limit - self.handled)
+            batch = await self._read(sub, cap)
+            if batch is None:
+                return True  # the source closed underneath
+            if not batch:
+                continue  # stopped while waiting: the loop condition ends it
+            results = await self._forward(batch)
+            await self._settle(sub, batch, results)
+        return True
+
+    async def _read(self, sub: Subscription, cap: int) -> list[Event] | None:
+        """Up to ``cap`` events: wait for the first, then take what is buffered.
+        ``[]`` when stopped while waiting, None when the subscription ended."""
+        if not sub.buffered:
+            stopper = self._stopper
+            assert stopper is not None
+            getter = asyncio.create_task(_next(sub))
+            await asyncio.wait((getter, stopper), return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                await asyncio.gather(getter, return_exceptions=True)
+                if getter.cancelled() or getter.exception() is not None:
+                    return []
+                # Else it arrived as we cancelled: forward it with what follows.
+            first = getter.result()
+            if first is None:
+                return None
+            batch = [first]
+        else:
+            batch = []
+        while len(batch) < cap and sub.buffered:
+            batch.append(await sub.__anext__())
+        return batch
+
+    async def _forward(self, batch: Sequence[Event]) -> list[Forwarded]:
+        """Forward ``batch`` until the target confirms it; fewer results than
+        events (a prefix) when stopped while the target is down."""
         target = self.target
-        assert isinstance(target, Forwarding)  # checked in __init__
+        assert isinstance(target, BatchForwarding)  # checked in __init__
+        delay = self.retry_delay
+        failures = 0
         while True:
             try:
-                await target.forward(event.with_offset(None))
-                return True
-            except PayloadError as exc:
-                # Too large (or otherwise unfit) for the target: retrying cannot
-                # help, and would hold every later event back. Refuse it at the
-                # source, which dead-letters it after max_deliveries: kept, visible.
-                self.stats.refused += 1
-                log.error("relay: %s refused %s for good (%s)", target.name, event.id, exc)
-                return False
-            except PubSubError as exc:
-                # The event stays unacked at the source; keep trying, in order.
-                self.stats.retries += 1
-                if self.stats.retries == 1 or self.stats.retries % 60 == 0:
+                results = await target.forward_many(batch)
+            except (PayloadError, InvalidTopic) as exc:
+                # The whole batch was refused for one event's sake: find which.
+                if len(batch) == 1:
+                    return [Forwarded(batch[0], refused=exc)]
+                return await self._one_by_one(batch)
+            except (PubSubError, OSError) as exc:
+                if isinstance(exc, Closed):
+                    raise
+                failures += 1
+                self.stats.retried += 1
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                if failures == 1 or failures % 30 == 0:
                     log.warning(
-                        "relay: %s refused %s (%s); retrying", self.target.name, event.id, exc
+                        "relay %s: %s did not take %d events (%s); retrying in %.1f s",
+                        self.consumer,
+                        redact_url(target.name),
+                        len(batch),
+                        exc,
+                        delay,
                     )
-                await asyncio.sleep(self.retry_delay)
+                if await self._sleep(delay):
+                    return []
+                delay = min(delay * 2, self.max_retry_delay)
+                continue
+            if failures:
+                log.info("relay %s: %s takes events again", self.consumer, target.name)
+            return results
+
+    async def _one_by_one(self, batch: Sequence[Event]) -> list[Forwarded]:
+        done: list[Forwarded] = []
+        for event in batch:
+            result = await self._forward([event])
+            if not result:
+                break  # stopped
+            done.extend(result)
+        return done
+
+    async def _settle(
+        self, sub: Subscription, batch: Sequence[Event], results: Sequence[Forwarded]
+    ) -> None:
+        """Ack what the target confirmed, nack what it refused; the events past
+        ``results`` (stopped before the target confirmed them) stay unacked."""
+        stats = self.stats
+        for event, result in zip(batch, results, strict=False):
+            refused = result.refused
+            if refused is not None:
+                stats.refused += 1
+                log.error(
+                    "relay %s: %s refused %s for good (%s)",
+                    self.consumer,
+                    self.target.name,
+                    event.id,
+                    refused,
+                )
+                await sub.nack(event, reason=f"{self.target.name} refused it: {refused}")
+                continue
+            await sub.ack(event)
+            if result.duplicate:
+                stats.duplicates += 1
+            else:
+                stats.forwarded += 1
+            if event.offset is not None:
+                self._position = event.offset
+        if len(results) == len(batch):
+            stats.batches += 1
+        # Events past ``results`` stay unacked: the position never passes them,
+        # so the next relay on this consumer forwards them again.
+
+    # -- statistics ------------------------------------------------------------
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.stats_interval)
+            await self._report()
+
+    async def _report(self) -> None:
+        """Refresh ``stats.lag`` and, while active, rewrite the stats file."""
+        if self.stats.active:
+            await self._refresh_lag()
+            self._write(self.stats.active)
+
+    async def _refresh_lag(self) -> None:
+        source = self.source
+        if not isinstance(source, ConsumerStatsSource):
+            return
+        try:
+            rows = await source.consumer_stats()
+        except (PubSubError, OSError) as exc:
+            log.debug("relay %s: no consumer stats (%s)", self.consumer, exc)
+            return
+        for row in rows:
+            if row.consumer == self.consumer and row.kind == "alkpubsub" and row.lag is not None:
+                head = row.offset + row.lag
+                self.stats.lag = max(head - max(row.offset, self._position), 0)
+                return
+
+    def _write(self, active: bool) -> None:
+        path = self.stats_path
+        if path is None:
+            return
+        record = relay_record(
+            self.stats,
+            consumer=self.consumer,
+            pattern=self.pattern,
+            source=redact_url(self.source.name),
+            target=redact_url(self.target.name),
+            position=self._position,
+        )
+        record["active"] = active
+        try:
+            write_stats(path, record)
+        except OSError as exc:
+            log.warning("relay %s: cannot write %s: %s", self.consumer, path, exc)
+
+    def _write_final(self) -> None:
+        """The last record, unless another relay took the file over meanwhile."""
+        path = self.stats_path
+        if path is None:
+            return
+        if written_by(path) in (None, os.getpid()):
+            self._write(False)
+
+
+async def _next(sub: Subscription) -> Event | None:
+    """The next event, or None when the subscription ended."""
+    try:
+        return await sub.__anext__()
+    except StopAsyncIteration:
+        return None

@@ -161,6 +161,14 @@ class StreamWriter:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
+    def refusal(
+        self, subject: str, data: bytes, msg_id: str, headers: dict[str, str] | None = None
+    ) -> PayloadError | None:
+        """The error :meth:`store` would raise at once for this message because
+        the server or the stream can never take it, else None."""
+        size = message_size(data, msg_id, headers)
+        return self._too_big(subject, size) if size > self._max_message else None
+
     def _too_big(self, subject: str, size: int) -> PayloadError:
         limit = self._max_message
         if self._stream_max_msg == limit:
@@ -171,17 +179,19 @@ class StreamWriter:
 
     async def store_many(
         self, items: list[tuple[str, bytes, str, dict[str, str] | None]]
-    ) -> list[int]:
+    ) -> list[PubAck]:
         """Store ``(subject, data, msg_id, headers)`` items in order, many PubAcks
-        in flight at once; return their stream sequences. Every item is checked
-        against the size limits before any is sent."""
+        in flight at once; return the PubAcks (``seq`` the stream sequence,
+        ``duplicate`` set when the server already held that ``Nats-Msg-Id``
+        within the stream's duplicate window: ``seq`` is then the original's).
+        Every item is checked against the size limits before any is sent."""
         import nats.errors as nerr
 
         for subject, data, msg_id, headers in items:
             size = message_size(data, msg_id, headers)
             if size > self._max_message:
                 raise self._too_big(subject, size)
-        seqs: list[int] = []
+        acks: list[PubAck] = []
         for start in range(0, len(items), _CHUNK):
             chunk = items[start : start + _CHUNK]
             futures: list[asyncio.Future[PubAck]] = []
@@ -203,13 +213,14 @@ class StreamWriter:
             for i, (subject, data, msg_id, headers) in enumerate(chunk):
                 fut = futures[i] if i < len(futures) else None
                 if fut is not None and fut.done() and not fut.cancelled() and not fut.exception():
-                    seqs.append(fut.result().seq)
+                    acks.append(fut.result())
                 else:
                     if fut is not None:
                         fut.cancel()  # frees nats-py's in-flight slot
-                    # Same id: a copy that did arrive is dropped by the server.
-                    seqs.append((await self.store(subject, data, msg_id, headers)).seq)
-        return seqs
+                    # Same id: a copy that did arrive is dropped by the server
+                    # (and this PubAck says duplicate, though the copy was ours).
+                    acks.append(await self.store(subject, data, msg_id, headers))
+        return acks
 
     @contextlib.asynccontextmanager
     async def attempt(self, seconds: float) -> AsyncIterator[None]:

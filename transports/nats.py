@@ -28,6 +28,12 @@ Features
     delivery goes on. Dead letters (a JetStream stream on this prefix) match
     only patterns naming ``dead`` first: ``>`` never sees them.
 
+    Core NATS keeps nothing, so it cannot deduplicate: ``forward`` and
+    ``forward_many`` publish every event handed to them, and an event relayed
+    twice (a relay killed before it saved its position) arrives twice.
+    Relay to ``nats+durable://`` (the server drops a re-sent ``Nats-Msg-Id``
+    within ``duplicate_window``) or let subscribers deduplicate by event id.
+
 Connection String
     ``nats://[user:password@|token@]host[:4222][?options]``
     ``tls://host[:4222]`` (TLS; ``tls_ca``/``tls_cert``/``tls_key`` from the

@@ -91,7 +91,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
-from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat
+from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, ConsumerStat, Forwarded
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import ParsedUrl, Settings, parse_options, parse_url
 from alkpubsub.errors import ConfigError, ConnectionLost
@@ -280,8 +280,35 @@ class NatsDurableTransport(BaseTransport):
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         fmt = self.options.format
         items = [(self.subject(e.topic), *encode(e, b, fmt), e.id) for e, b in batch]
-        seqs = await self.writer.store_many([(s, d, i, h) for s, d, h, i in items])
-        return [event.with_offset(seq) for (event, _), seq in zip(batch, seqs, strict=True)]
+        acks = await self.writer.store_many([(s, d, i, h) for s, d, h, i in items])
+        return [event.with_offset(ack.seq) for (event, _), ack in zip(batch, acks, strict=True)]
+
+    async def forward_batch(self, batch: list[tuple[Event, bytes]]) -> list[Forwarded]:
+        """Store the events with many PubAcks in flight, in order; an id the
+        stream already held within ``duplicate_window`` is dropped by the server
+        and reported ``duplicate`` (with the original's sequence as offset). An
+        event the server or stream can never take (its size with the NATS
+        headers) is ``refused`` and the others are still stored."""
+        fmt, writer = self.options.format, self.writer
+        results: list[Forwarded | None] = []
+        items: list[tuple[str, bytes, str, dict[str, str] | None]] = []
+        for event, body in batch:
+            subject = self.subject(event.topic)
+            data, headers = encode(event, body, fmt)
+            refused = writer.refusal(subject, data, event.id, headers)
+            if refused is not None:
+                results.append(Forwarded(event, refused=refused))
+                continue
+            results.append(None)
+            items.append((subject, data, event.id, headers))
+        acks = iter(await writer.store_many(items) if items else [])
+        done: list[Forwarded] = []
+        for (event, _), result in zip(batch, results, strict=True):
+            if result is None:
+                ack = next(acks)
+                result = Forwarded(event.with_offset(ack.seq), duplicate=bool(ack.duplicate))
+            done.append(result)
+        return done
 
     # -- subscribing -----------------------------------------------------------
 

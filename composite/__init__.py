@@ -1,41 +1,64 @@
 """Composite transport: a fast local leg plus one or more targets.
 
 Features
-    Publish writes to every target first (so the event is persisted / on its
-    way to other nodes), then delivers on the local leg. If a target fails,
-    :class:`PublishError` names the legs that succeeded and the event is not
-    delivered locally. A live subscription listens on the local leg and on
-    every target; events that come back from a target carrying this
-    composite's ``origin`` were already delivered locally and are dropped,
-    and an id seen recently is not delivered twice, so each subscriber gets
-    each event once. Durable subscriptions (``consumer=``) go to the first
-    target that declares ``consumer_offsets``.
+    Publish hands the event to every target first (so it is persisted, or on
+    its way to other nodes), then delivers it on the local leg. A required
+    target that fails or runs past its timeout fails the publish with
+    :class:`PublishError`, which names the legs that succeeded, and the event
+    is not delivered locally: a local subscriber never sees an event its
+    durable target did not accept. An optional target that fails is counted
+    in :attr:`CompositeTransport.leg_stats` and logged, and the publish goes
+    on. ``publish`` returns the event as the durable target stored it (its
+    ``offset`` set).
+
+    A live subscription listens on the local leg and on every target. Events
+    that come back from a target carrying this composite's ``origin`` were
+    delivered locally already and are dropped, and an id seen recently is not
+    delivered twice, so each subscriber gets each event once. The legs hand
+    their events straight to the subscription's buffer (no task in between),
+    so local delivery costs one buffer append after the targets accepted.
+    Durable subscriptions (``consumer=``, or ``start`` other than ``"new"``)
+    go to the first target that declares ``consumer_offsets`` (the durable
+    target, which must be required). An optional target that cannot be
+    subscribed to when a subscription starts does not stop it: the
+    subscription goes live on the other legs and keeps trying that one
+    (every 1 s, doubling up to 30 s).
 
 Connection String
     A list of URLs, local leg first:
     ``["memory://", "honker+durable:///app.db"]`` or, in the environment,
     ``ALKPUBSUB_URL='["memory://", "honker+durable:///app.db"]'``.
 
-Transport Options
-    none of its own; each leg reads its own URL.
+Transport Options (on each target's URL; see :mod:`alkpubsub.composite.legs`)
+    composite_required  true   false: a failure is counted and logged, not raised
+    composite_timeout   (Settings.composite_timeout, 5)  seconds to wait for this
+                               target to accept an event; 0 = no limit
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Sequence
 from dataclasses import fields
 
 from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, Forwarding, max_deliveries_of
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings
-from alkpubsub.errors import ConfigError, PublishError, PubSubError
+from alkpubsub.errors import ConfigError, PublishError
 from alkpubsub.event import Event
 from alkpubsub.transport import BaseTransport, Subscription, Transport
 
+from .legs import LegPolicy, LegStats, has_policy, split_policy
+
+log = logging.getLogger("alkpubsub.composite")
+
 RECENT_IDS = 4096
 """How many recent event ids each subscription remembers to drop duplicates."""
+OPTIONAL_RETRY = 1.0
+"""Seconds before a subscription tries again an optional target it could not
+subscribe to (doubling up to 30 s)."""
 
 
 def _combine(local: Capabilities, targets: Sequence[Capabilities]) -> Capabilities:
@@ -61,38 +84,74 @@ class CompositeSubscription(Subscription):
     def __init__(self, transport: CompositeTransport, pattern: str, *, buffer: int) -> None:
         super().__init__(transport, pattern, buffer=buffer)
         self._legs: list[Subscription] = []
-        self._pumps: list[asyncio.Task[None]] = []
+        self._retries: list[asyncio.Task[None]] = []
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     async def on_start(self) -> None:
         composite = self.transport
-        for index, leg in enumerate((composite.local, *composite.targets)):
-            sub = leg.subscribe(self.pattern.text, buffer=self.buffer_size)
-            await sub.start()
-            self._legs.append(sub)
-            self._pumps.append(asyncio.create_task(self._pump(sub, echo_ok=index == 0)))
-
-    async def _pump(self, leg: Subscription, *, echo_ok: bool) -> None:
-        origin = self.transport.origin
         try:
-            async for event in leg:
-                if not echo_ok and event.origin == origin:
-                    continue  # published here: the local leg delivered it already
-                if event.id in self._recent:
-                    continue
-                self._recent[event.id] = None
-                if len(self._recent) > RECENT_IDS:
-                    self._recent.popitem(last=False)
-                self.push(event)
-        except PubSubError as exc:
-            self.fail(exc)
+            await self._open_leg(composite.local, 0)
+            for index, target in enumerate(composite.targets, start=1):
+                try:
+                    await self._open_leg(target, index)
+                except Exception as exc:
+                    if composite.policies[index - 1].required:
+                        raise
+                    # An optional target that is down must not stop the others:
+                    # keep trying it in the background.
+                    log.warning(
+                        "%s: optional target %s cannot subscribe (%s); retrying",
+                        self,
+                        target.name,
+                        _why(exc),
+                    )
+                    self._retries.append(asyncio.create_task(self._retry(target, index)))
+        except BaseException:
+            await self.on_close()
+            raise
+
+    async def _open_leg(self, leg: Transport, index: int) -> None:
+        sub = leg.subscribe(self.pattern.text, buffer=self.buffer_size)
+        if index == 0:
+            sub.deliver_to(self._accept, self.fail)
+        else:
+            sub.deliver_to(self._from_target, self.fail)
+            sub.skip_origin = self.transport.origin  # echoes: dropped before decoding
+        await sub.start()
+        self._legs.append(sub)
+
+    async def _retry(self, leg: Transport, index: int) -> None:
+        pause = OPTIONAL_RETRY
+        while not self.closed:
+            await asyncio.sleep(pause)
+            try:
+                await self._open_leg(leg, index)
+            except Exception:
+                pause = min(pause * 2, 30.0)
+                continue
+            log.info("%s: optional target %s subscribed", self, leg.name)
+            return
+
+    def _from_target(self, event: Event) -> None:
+        if event.origin != self.transport.origin:
+            self._accept(event)
+        # else: published here, and the local leg delivered it already
+
+    def _accept(self, event: Event) -> None:
+        recent = self._recent
+        if event.id in recent:
+            return
+        recent[event.id] = None
+        if len(recent) > RECENT_IDS:
+            recent.popitem(last=False)
+        self.push(event)
 
     async def on_close(self) -> None:
-        for task in self._pumps:
+        for task in self._retries:
             task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)
         for sub in self._legs:
             await sub.close()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
 
     @property
     def legs(self) -> list[Subscription]:
@@ -101,43 +160,126 @@ class CompositeSubscription(Subscription):
 
 
 class CompositeTransport(BaseTransport):
-    """``CompositeTransport(local, *targets)``; see the module docstring."""
+    """``CompositeTransport(local, *targets, policies=...)``; see the module docstring.
 
-    def __init__(self, local: Transport, *targets: Transport, origin: str | None = None) -> None:
+    ``policies`` gives one :class:`LegPolicy` per target (default: all
+    required, no timeout)."""
+
+    def __init__(
+        self,
+        local: Transport,
+        *targets: Transport,
+        origin: str | None = None,
+        policies: Sequence[LegPolicy] | None = None,
+    ) -> None:
         if not targets:
             raise ConfigError("a composite needs a local leg and at least one target")
+        for leg in (local, *targets):
+            if not isinstance(leg, Forwarding):
+                raise ConfigError(f"{leg.name} cannot be a composite leg: it has no forward()")
+        policies = list(policies) if policies is not None else [LegPolicy()] * len(targets)
+        if len(policies) != len(targets):
+            raise ConfigError(f"{len(policies)} leg policies for {len(targets)} targets")
         super().__init__(origin=origin)
         self.local = local
         self.targets = targets
+        self.policies = tuple(policies)
         self.name = "composite(" + ", ".join(t.name for t in (local, *targets)) + ")"
         self.capabilities = _combine(local.capabilities, [t.capabilities for t in targets])
         self._durable = next((t for t in targets if t.capabilities.consumer_offsets), None)
+        self._durable_index = targets.index(self._durable) if self._durable is not None else -1
+        if self._durable is not None and not self.policies[self._durable_index].required:
+            raise ConfigError(
+                f"the durable target {self._durable.name} cannot be optional: publish returns "
+                "its offset and durable subscriptions read it; drop composite_required=false"
+            )
+        self._stats = [
+            LegStats(t.name, p.required, p.timeout)
+            for t, p in zip(targets, self.policies, strict=True)
+        ]
+        self._failing: set[int] = set()
+
+    # -- publishing ----------------------------------------------------------
 
     async def send(self, event: Event, body: bytes) -> Event:
-        await self._to_targets([event])
-        await _forward(self.local, event)
-        return event
+        stored = (await self._to_targets([(event, body)]))[0]
+        await _send(self.local, [(stored, body)])
+        return stored
 
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
-        events = [event for event, _ in batch]
-        await self._to_targets(events)
-        for event in events:
-            await _forward(self.local, event)
-        return events
+        stored = await self._to_targets(batch)
+        await _send(self.local, [(e, body) for e, (_, body) in zip(stored, batch, strict=True)])
+        return stored
 
-    async def _to_targets(self, events: list[Event]) -> None:
-        results = await asyncio.gather(
-            *(_forward_all(t, events) for t in self.targets), return_exceptions=True
-        )
-        failed = [(t, r) for t, r in zip(self.targets, results, strict=True) if r is not None]
+    async def _to_targets(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
+        """Hand ``batch`` to every target; the events as the durable one stored them."""
+        targets = self.targets
+        if len(targets) == 1:
+            results: list[list[Event] | BaseException] = [await self._attempt(0, batch)]
+        else:
+            results = await asyncio.gather(*(self._attempt(i, batch) for i in range(len(targets))))
+        failed = [
+            i
+            for i, r in enumerate(results)
+            if isinstance(r, BaseException) and self._stats[i].required
+        ]
         if failed:
-            ok = tuple(t.name for t, r in zip(self.targets, results, strict=True) if r is None)
-            names = ", ".join(f"{t.name} ({type(r).__name__}: {r})" for t, r in failed)
+            ok = tuple(
+                t.name
+                for t, r in zip(targets, results, strict=True)
+                if not isinstance(r, BaseException)
+            )
+            names = ", ".join(f"{targets[i].name} ({_why(results[i])})" for i in failed)
+            first = results[failed[0]]
+            assert isinstance(first, BaseException)
             raise PublishError(
-                f"publish to {events[0].topic!r} failed on {names}; "
-                f"succeeded on {list(ok) or 'none'}; not delivered locally — retry the publish",
+                f"publish to {batch[0][0].topic!r} failed on {names}; succeeded on "
+                f"{list(ok) or 'none'}; not delivered locally. Retry the publish (a target that "
+                "timed out may still store it; subscribers drop a repeated id)",
                 succeeded=ok,
-            ) from next(r for _, r in failed if isinstance(r, BaseException))
+            ) from first
+        durable = results[self._durable_index] if self._durable_index >= 0 else None
+        return durable if isinstance(durable, list) else [event for event, _ in batch]
+
+    async def _attempt(
+        self, index: int, batch: list[tuple[Event, bytes]]
+    ) -> list[Event] | BaseException:
+        target, stats = self.targets[index], self._stats[index]
+        timeout = stats.timeout
+        try:
+            if timeout is None:
+                stored = await _send(target, batch)
+            else:
+                async with asyncio.timeout(timeout):
+                    stored = await _send(target, batch)
+        except Exception as exc:
+            stats.failed += 1
+            if isinstance(exc, TimeoutError):
+                stats.timed_out += 1
+                exc = TimeoutError(f"no answer within composite_timeout={timeout:g}s")
+            stats.last_error = _why(exc)
+            if not stats.required and index not in self._failing:
+                self._failing.add(index)
+                log.warning(
+                    "%s: optional target %s failed (%s); counting failures in leg_stats "
+                    "until it accepts again",
+                    self.name,
+                    target.name,
+                    stats.last_error,
+                )
+            return exc
+        stats.accepted += len(batch)
+        if index in self._failing:
+            self._failing.discard(index)
+            log.info("%s: optional target %s accepts events again", self.name, target.name)
+        return stored
+
+    @property
+    def leg_stats(self) -> list[LegStats]:
+        """What each target accepted and failed, in target order."""
+        return list(self._stats)
+
+    # -- subscribing -----------------------------------------------------------
 
     def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
@@ -168,15 +310,20 @@ class CompositeTransport(BaseTransport):
             await leg.close()
 
 
-async def _forward(transport: Transport, event: Event) -> None:
-    if not isinstance(transport, Forwarding):
-        raise ConfigError(f"{transport.name} cannot be a composite leg: it has no forward()")
-    await transport.forward(event)
+async def _send(leg: Transport, batch: list[tuple[Event, bytes]]) -> list[Event]:
+    """Put checked events on ``leg``: through its send hooks when it is a
+    BaseTransport (the composite checked them against every leg's limits, so
+    they are not encoded again), else through ``forward``."""
+    if isinstance(leg, BaseTransport):
+        if len(batch) == 1:
+            return [await leg.send(*batch[0])]
+        return await leg.send_batch(batch)
+    assert isinstance(leg, Forwarding)  # checked in CompositeTransport.__init__
+    return [await leg.forward(event) for event, _ in batch]
 
 
-async def _forward_all(transport: Transport, events: list[Event]) -> None:
-    for event in events:
-        await _forward(transport, event)
+def _why(error: object) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 async def open_composite(urls: Sequence[str], settings: Settings) -> CompositeTransport:
@@ -185,12 +332,21 @@ async def open_composite(urls: Sequence[str], settings: Settings) -> CompositeTr
 
     if len(urls) < 2:
         raise ConfigError(f"a composite needs at least two URLs, got {list(urls)!r}")
+    if has_policy(urls[0]):
+        raise ConfigError(
+            "composite_required/composite_timeout apply to targets, not to the local leg "
+            f"{urls[0].split('?', 1)[0]!r}"
+        )
+    default = settings.composite_timeout or None
+    split = [split_policy(url, default) for url in urls[1:]]
     legs: list[Transport] = []
     try:
-        for url in urls:
+        for url in [urls[0], *(leg_url for leg_url, _ in split)]:
             legs.append(await open_transport(url, settings))
+        return CompositeTransport(
+            legs[0], *legs[1:], origin=settings.origin, policies=[p for _, p in split]
+        )
     except BaseException:
         for leg in legs:
             await leg.close()
         raise
-    return CompositeTransport(legs[0], *legs[1:], origin=settings.origin)

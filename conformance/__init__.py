@@ -16,7 +16,9 @@ read ``transport.capabilities`` to decide what to demand, and demand a clean
 from .adversarial import AdversarialCases, GarbageWriter
 from .basic import BasicCases
 from .durable import DurableCases
+from .multiprocess import ProcessCases
 from .patterns import BAD_PATTERNS, BAD_TOPICS, PATTERN_TABLE
+from .processes import OtherProcess
 from .suite import (
     QUIET,
     RECEIVE_TIMEOUT,
@@ -29,7 +31,7 @@ from .suite import (
 )
 
 
-class TransportSuite(BasicCases, DurableCases, AdversarialCases):
+class TransportSuite(BasicCases, DurableCases, AdversarialCases, ProcessCases):
     """Every conformance case. Subclass it in a test module and define ``factory``."""
 
 
@@ -43,6 +45,8 @@ __all__ = [
     "BasicCases",
     "DurableCases",
     "GarbageWriter",
+    "OtherProcess",
+    "ProcessCases",
     "SuiteFixtures",
     "TransportFactory",
     "TransportSuite",

@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     buffer: int = 1024
     max_deliveries: int = 5
     origin: str | None = None
+    composite_timeout: float = 5.0
+    """Seconds a composite waits for each target to accept an event (0: no
+    limit); a target URL's ``composite_timeout`` option wins."""
     options: dict[str, str] = {}
     """Transport options applied to every URL (a URL's own query wins)."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Literal, Self
@@ -95,6 +96,12 @@ class Subscription:
         self._error: BaseException | None = None
         self._started = False
         self._closed = False
+        self._sink: Callable[[Event], None] | None = None
+        self._on_error: Callable[[BaseException], None] | None = None
+        self.skip_origin: str | None = None
+        """Events of this ``origin`` are not wanted here: a transport may drop
+        them as early as it can, before decoding them (the composite sets it on
+        its targets' subscriptions to its own origin: those are echoes)."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -199,11 +206,32 @@ class Subscription:
         redeliver; there it only counts."""
         self.stats.nacked += 1
 
+    # -- handing events on without a buffer ---------------------------------
+
+    def deliver_to(
+        self,
+        sink: Callable[[Event], None],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """Hand every event to ``sink`` as it arrives instead of buffering it,
+        and a failure to ``on_error``: for code that merges subscriptions (the
+        composite), so an event reaches the merged buffer without a task hop.
+        Call it before the subscription starts; ``sink`` runs on the event
+        loop, must not block, and never applies backpressure (a durable reader
+        feeding it does not pause)."""
+        self._sink = sink
+        self._on_error = on_error
+
     # -- filling the buffer: called by transports, on the event loop's thread --
 
     def push(self, event: Event) -> None:
         """Add a live event; when the buffer is full, drop the oldest."""
         if self._closed:
+            return
+        sink = self._sink
+        if sink is not None:
+            self.stats.delivered += 1
+            sink(event)
             return
         buf = self._buffer
         if len(buf) >= self.buffer_size:
@@ -224,12 +252,20 @@ class Subscription:
                 self._space = None
         if self._closed:
             return False
+        sink = self._sink
+        if sink is not None:
+            self.stats.delivered += 1
+            sink(event)
+            return True
         self._buffer.append(event)
         self._wake()
         return True
 
     def fail(self, error: BaseException) -> None:
         """Make the iterator raise ``error`` once the buffered events are consumed."""
+        if self._on_error is not None:
+            self._on_error(error)
+            return
         self._error = error
         self._wake()
 

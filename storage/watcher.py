@@ -68,6 +68,8 @@ class Listener(Protocol):
 
     after_id: int
     """Deliver only rows with a larger id (set when it is added)."""
+    skip_origin: str | None
+    """Our envelopes of this origin are skipped before decoding (composite echoes)."""
 
     @property
     def pattern(self) -> Pattern: ...
@@ -280,6 +282,13 @@ class Watcher:
                         continue
                     if parsed is None:
                         parsed = parse_row(row["payload"], channel)
+                    skip = sub.skip_origin
+                    if (
+                        skip is not None
+                        and parsed.kind == "ours"
+                        and parsed.value.get("origin") == skip
+                    ):
+                        continue  # an echo this subscriber does not want
                     decoder = sub.decoder
                     event = decoded.get(decoder)
                     if event is None:

@@ -20,14 +20,20 @@ from test_honker import garbage_notifications, write_foreign_rows
 from test_honker_durable import garbage_stream_rows
 
 import alkpubsub
-from alkpubsub.conformance import GarbageWriter, TransportFactory, TransportSuite
+from alkpubsub.conformance import GarbageWriter, OtherProcess, TransportFactory, TransportSuite
 
 
 class TestHonkerConformance(TransportSuite):
     @pytest.fixture
-    def factory(self, tmp_path: Path) -> TransportFactory:
-        url = f"honker://{tmp_path}/events.db"
+    def url(self, tmp_path: Path) -> str:
+        return f"honker://{tmp_path}/events.db"
 
+    @pytest.fixture
+    def other_process(self, url: str) -> OtherProcess:
+        return OtherProcess(url)
+
+    @pytest.fixture
+    def factory(self, url: str) -> TransportFactory:
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 
@@ -45,9 +51,15 @@ class TestHonkerConformance(TransportSuite):
 
 class TestHonkerDurableConformance(TransportSuite):
     @pytest.fixture
-    def factory(self, tmp_path: Path) -> TransportFactory:
-        url = f"honker+durable://{tmp_path}/events.db?stream=events"
+    def url(self, tmp_path: Path) -> str:
+        return f"honker+durable://{tmp_path}/events.db?stream=events"
 
+    @pytest.fixture
+    def other_process(self, url: str) -> OtherProcess:
+        return OtherProcess(url)
+
+    @pytest.fixture
+    def factory(self, url: str) -> TransportFactory:
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 

@@ -8,7 +8,13 @@ from brokers import NatsServer
 from nats_garbage import wait_stored, write_garbage
 
 import alkpubsub
-from alkpubsub.conformance import GarbageWriter, TransportFactory, TransportSuite, unique
+from alkpubsub.conformance import (
+    GarbageWriter,
+    OtherProcess,
+    TransportFactory,
+    TransportSuite,
+    unique,
+)
 from alkpubsub.conformance.restart import BrokerRestartSuite
 from alkpubsub.transports._nats_common import to_subject
 
@@ -20,9 +26,15 @@ class TestNatsConformance(TransportSuite):
         return unique("alk")
 
     @pytest.fixture
-    def factory(self, nats_server_session: NatsServer, prefix: str) -> TransportFactory:
-        url = f"{nats_server_session.url}?prefix={prefix}"
+    def url(self, nats_server_session: NatsServer, prefix: str) -> str:
+        return f"{nats_server_session.url}?prefix={prefix}"
 
+    @pytest.fixture
+    def other_process(self, url: str) -> OtherProcess:
+        return OtherProcess(url)
+
+    @pytest.fixture
+    def factory(self, url: str) -> TransportFactory:
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 
@@ -46,9 +58,15 @@ class TestNatsDurableConformance(TransportSuite):
         return unique("S")
 
     @pytest.fixture
-    def factory(self, nats_server_session: NatsServer, stream: str) -> TransportFactory:
-        url = f"{nats_server_session.url.replace('nats://', 'nats+durable://')}?stream={stream}"
+    def url(self, nats_server_session: NatsServer, stream: str) -> str:
+        return f"{nats_server_session.url.replace('nats://', 'nats+durable://')}?stream={stream}"
 
+    @pytest.fixture
+    def other_process(self, url: str) -> OtherProcess:
+        return OtherProcess(url)
+
+    @pytest.fixture
+    def factory(self, url: str) -> TransportFactory:
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 

@@ -12,7 +12,13 @@ from brokers import RedisServer
 from redis_garbage import add_garbage, publish_garbage
 
 import alkpubsub
-from alkpubsub.conformance import GarbageWriter, TransportFactory, TransportSuite, unique
+from alkpubsub.conformance import (
+    GarbageWriter,
+    OtherProcess,
+    TransportFactory,
+    TransportSuite,
+    unique,
+)
 from alkpubsub.conformance.restart import BrokerRestartSuite
 
 
@@ -23,9 +29,15 @@ class TestRedisConformance(TransportSuite):
         return f"{unique('alk')}:"
 
     @pytest.fixture
-    def factory(self, redis_server_session: RedisServer, prefix: str) -> TransportFactory:
-        url = f"{redis_server_session.url}?prefix={prefix}"
+    def url(self, redis_server_session: RedisServer, prefix: str) -> str:
+        return f"{redis_server_session.url}?prefix={prefix}"
 
+    @pytest.fixture
+    def other_process(self, url: str) -> OtherProcess:
+        return OtherProcess(url)
+
+    @pytest.fixture
+    def factory(self, url: str) -> TransportFactory:
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 
@@ -46,10 +58,16 @@ class TestRedisDurableConformance(TransportSuite):
         return unique("S")
 
     @pytest.fixture
-    def factory(self, redis_server_session: RedisServer, stream: str) -> TransportFactory:
+    def url(self, redis_server_session: RedisServer, stream: str) -> str:
         base = redis_server_session.url.replace("redis://", "redis+durable://")
-        url = f"{base}?stream={stream}"
+        return f"{base}?stream={stream}"
 
+    @pytest.fixture
+    def other_process(self, url: str) -> OtherProcess:
+        return OtherProcess(url)
+
+    @pytest.fixture
+    def factory(self, url: str) -> TransportFactory:
         async def make() -> alkpubsub.Transport:
             return await alkpubsub.connect(url)
 

@@ -146,6 +146,7 @@ class HonkerDurableSubscription(Subscription):
         matches = self.pattern.matches
         track = self._lease is not None
         signal = self._signal
+        skip = self.skip_origin
         while not self._closed:
             if self._ready:
                 self.stats.redelivered += 1
@@ -166,6 +167,13 @@ class HonkerDurableSubscription(Subscription):
                 parsed = parse_row(row["payload"], foreign_topic)
                 if parsed.kind != "bad" and not matches(parsed.topic or foreign_topic):
                     self._pos = offset  # another topic's row: not ours to deliver
+                    continue
+                if (
+                    skip is not None
+                    and parsed.kind == "ours"
+                    and parsed.value.get("origin") == skip
+                ):
+                    self._pos = offset  # an echo the subscriber does not want
                     continue
                 event = decode(parsed, foreign_topic, offset, row["created_at"], row["key"])
                 if isinstance(event, Malformed):

@@ -85,8 +85,45 @@ def test_list_names_every_transport_row_without_running() -> None:
     assert proc.returncode == 0, proc.stderr
     keys = {line.split("\t")[0] for line in proc.stdout.splitlines()}
     # Every transport contributes rows through its module in bench/cases/.
-    assert {key.split("/")[0] for key in keys} == {"inprocess", "honker", "redis", "nats"}
+    assert {key.split("/")[0] for key in keys} == {
+        "inprocess",
+        "honker",
+        "redis",
+        "nats",
+        "multinode",
+    }
     assert "honker/group commit, 8 publishers (durable)" in keys
+
+
+def test_quick_multinode_run_reports_every_row_against_its_baseline(tmp_path: Path) -> None:
+    # Starts this run's own nats-server and redis-server (bench/env.py); a row
+    # whose broker binary is missing would say "not available" and fail here.
+    report, table = run_bench(tmp_path, "--quick", "--only", "multinode")
+
+    rows = {row["key"]: row for row in report["rows"]}
+    assert set(rows) == {
+        "multinode/composite local latency vs memory",
+        "multinode/composite local latency vs honker+durable",
+        "multinode/composite publish_many(500)->receive",
+        "multinode/relay drain to nats+durable",
+        "multinode/commit->relay->nats consumer latency",
+        "multinode/relay drain to redis+durable",
+        "multinode/commit->relay->redis consumer latency",
+    }
+    baselines = {key: row["baseline"] for key, row in rows.items()}
+    assert baselines["multinode/composite local latency vs memory"] == "memory://"
+    assert baselines["multinode/relay drain to nats+durable"] == "raw nats"
+    assert baselines["multinode/commit->relay->redis consumer latency"] == "direct redis"
+    for key, row in rows.items():
+        for side in ("ours", "raw"):
+            assert row[side]["status"] == "ok", (key, side, row[side]["status"])
+            assert row[side]["value"] > 0
+        assert row["ratio"] == row["ours"]["value"] / row["raw"]["value"]
+        if row["metric"] == "latency":
+            assert 0 < row["ours"]["p50_us"] <= row["ours"]["p99_us"]
+            assert row["ratio_p99"] > 0
+    assert rows["multinode/relay drain to nats+durable"]["n"] == 500  # --quick size
+    assert "== multinode ==" in table and "relay drain to redis+durable" in table
 
 
 async def test_missing_transport_module_is_reported_not_skipped() -> None:

@@ -20,10 +20,11 @@ from brokers import NatsServer, RedisServer
 import alkpubsub
 from alkpubsub import ConfigError, Event, PayloadError
 from alkpubsub.abilities import BatchForwarding, Forwarded
-from alkpubsub.conformance import unique
+from alkpubsub.conformance import collect, unique
 from alkpubsub.transport import BaseTransport
 from alkpubsub.transports import redis, redis_durable
 from alkpubsub.transports._redis_common import id_to_offset
+from alkpubsub.transports._redis_dedupe import PUBLISH_SCRIPT, DedupeScript
 
 TOPIC = "orders:created"
 KINDS = ["redis+durable", "redis", "nats+durable"]
@@ -307,3 +308,54 @@ def test_bad_dedupe_window_is_refused_naming_the_option(module: Any, value: str)
     scheme = "redis+durable" if module is redis_durable else "redis"
     with pytest.raises(ConfigError, match="dedupe_window"):
         module.from_url(f"{scheme}://127.0.0.1:1/0?dedupe_window={value}")
+
+
+# -- chunks and formats ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", REDIS_KINDS, indirect=True)
+async def test_large_events_are_chunked_and_kept_in_order(target: Target) -> None:
+    # One script call takes at most 64 events or 512 KiB: 300 KB events each
+    # take a call of their own, small ones share one, all in one pipeline.
+    small, large = events(70), events(3, size=300_000)
+    batch = [*small[:10], large[0], large[1], *small[10:], large[2]]
+    async with await target.open() as transport:
+        first = await transport.forward_many(batch)
+        again = await transport.forward_many(batch)
+    assert ids_of(first) == [e.id for e in batch]
+    assert [r.duplicate for r in first] == [False] * len(batch)
+    assert [r.duplicate for r in again] == [True] * len(batch)
+    assert await target.ids() == [e.id for e in batch]
+
+
+@pytest.mark.parametrize("fmt", ["alkpubsub", "cloudevents", "cloudevents-binary"])
+async def test_forwarded_entries_in_every_stream_format_are_read_back(
+    redis_server_session: RedisServer, fmt: str
+) -> None:
+    target = Target("redis+durable", redis_server_session)
+    batch = [e.with_headers(trace=f"t{i}") for i, e in enumerate(events(5))]
+    async with await target.open(format=fmt) as transport:
+        await transport.forward_many(batch)
+        assert all(r.duplicate for r in await transport.forward_many(batch))
+        async with transport.subscribe(">", start="earliest") as sub:
+            got = await collect(sub, 5)
+    assert redis_server_session.call("XLEN", target.name) == 5
+    assert [(e.id, e.payload, e.headers) for e in got] == [
+        (e.id, e.payload, e.headers) for e in batch
+    ]
+
+
+def test_script_calls_take_at_most_64_events_or_512_kib() -> None:
+    target = redis.from_url("redis://127.0.0.1:1/0").target
+    script = DedupeScript(PUBLISH_SCRIPT, target, 1.5, b"")
+    small = [(b"k%d" % i, (b"ch", b"m")) for i in range(130)]
+    big = (b"big", (b"ch", b"x" * 400_000))
+    calls = script.calls([*small[:2], big, big, *small[2:]])
+    # numkeys, keys..., window in ms, then each event's channel and message.
+    # The second big event would pass 512 KiB: it starts the next call.
+    counts = [int(call[0]) for call in calls]
+    assert counts == [3, 64, 64, 1]
+    assert all(call[1 + n] == b"1500" for call, n in zip(calls, counts, strict=True))
+    assert [k for call, n in zip(calls, counts, strict=True) for k in call[1 : 1 + n]] == [
+        key for key, _ in [*small[:2], big, big, *small[2:]]
+    ]

@@ -252,17 +252,15 @@ class RedisTransport(BaseTransport):
         dedupe = self._dedupe
         if dedupe is None:
             return await super().forward_batch(batch)
-        prefix, window, key, message = self._prefix, dedupe.window_ms, dedupe.key, self.message
-        calls = []
+        prefix, key, message = self._prefix, dedupe.key, self.message
+        items = []
         for event, body in batch:
             channel = prefix + event.topic.encode()
-            calls.append(
-                (b"1", key(event.id, channel + b":"), window, channel, message(event, body))
-            )
-        replies = await dedupe.run(self._client, calls, f"forwarding {len(batch)} events")
+            items.append((key(event.id, channel + b":"), (channel, message(event, body))))
+        sent = await dedupe.run(self._client, items, f"forwarding {len(batch)} events")
         return [
-            Forwarded(event, duplicate=not sent)
-            for (event, _), sent in zip(batch, replies, strict=True)
+            Forwarded(event, duplicate=not done)
+            for (event, _), done in zip(batch, sent, strict=True)
         ]
 
     # -- subscribing -------------------------------------------------------

@@ -186,7 +186,11 @@ class RedisDurableTransport(BaseTransport):
         self._dedupe: DedupeScript | None = None
         if options.dedupe_window > 0:
             scope = b"{%b}:" % self.stream.encode()  # the stream key's hash slot
-            self._dedupe = DedupeScript(XADD_SCRIPT, target, options.dedupe_window, scope)
+            between = self._xadd_head[2:]  # trim, "*"
+            self._dedupe = DedupeScript(
+                XADD_SCRIPT, target, options.dedupe_window, scope,
+                keys=(self._xadd_head[1],), args=(b"%d" % len(between), *between),
+            )  # fmt: skip
         self._client = target.client(retries=2, connect_timeout=options.connect_timeout)
         self._io = target.client(
             retries=0, connect_timeout=options.connect_timeout, read_timeout=BLOCK_MS / 1000 + 10
@@ -264,14 +268,15 @@ class RedisDurableTransport(BaseTransport):
         dedupe = self._dedupe
         if dedupe is None:
             return await super().forward_batch(batch)
-        stream, window, key, xadd = self._xadd_head[1], dedupe.window_ms, dedupe.key, self._xadd
-        calls = [  # XADD's arguments after its key: trim, "*", the fields
-            (b"2", stream, key(event.id), window, *xadd(event, body)[2:]) for event, body in batch
-        ]
-        replies = await dedupe.run(self._client, calls, f"forwarding {len(batch)} events")
+        key, fields = dedupe.key, self.entry_fields
+        items = []
+        for event, body in batch:
+            entry = fields(event, body)
+            items.append((key(event.id), (b"%d" % len(entry), *entry)))
+        out = await dedupe.run(self._client, items, f"forwarding {len(batch)} events")
         return [
             Forwarded(event.with_offset(entry_offset(entry)), duplicate=not added)
-            for (event, _), (added, entry) in zip(batch, replies, strict=True)
+            for (event, _), added, entry in zip(batch, out[::2], out[1::2], strict=True)
         ]
 
     def make_subscription(

@@ -24,7 +24,9 @@ many copies the broker holds, and the commit-on-A -> receipt-on-B latency.
 Run: python examples/multi_node.py --broker nats://127.0.0.1:4222
      python examples/multi_node.py --broker redis://127.0.0.1:6379/0
 (see docs/multi-node.md). It exits non-zero if B did not get every event exactly
-once, or A's local subscriber did not get every event once.
+once, or A's local subscriber did not get every event once. Each run uses a new
+broker stream (printed at the start) and leaves it there: remove it with
+``nats stream rm ORDERS_...`` or ``redis-cli DEL orders-...``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ RATE = 250.0
 """Orders node A commits per second (so the relay's kill lands mid-stream)."""
 QUIET = 1.0
 """Seconds node B keeps listening after its last event, for late duplicates."""
-DEADLINE = 60.0
+DEADLINE = 30.0
 """Seconds node B waits for all events at most."""
 
 
@@ -114,17 +116,19 @@ class Child:
                 self._changed.clear()
                 await self._changed.wait()
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
+        """SIGKILL: no chance to finish or ack anything in flight."""
         self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+        await self._pump
 
     async def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 5 s; wait until the output is drained."""
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 5)
-            except TimeoutError:
-                self.kill()
+        """SIGTERM (a relay finishes its batch in flight), SIGKILL after 5 s."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
         await self._pump
 
@@ -204,7 +208,8 @@ async def node_a(broker: str, count: int, rate: float) -> int:
         store = open_store(db)
         with store.transaction() as tx:
             tx.execute("CREATE TABLE orders(id INTEGER PRIMARY KEY, amount INTEGER)")
-        print(f"node A: a.db, composite [memory://, honker+durable://.../a.db], broker {scheme}")
+        print("node A: a.db, composite [memory://, honker+durable://.../a.db]")
+        print(f"broker: {alkpubsub.redact_url(broker_url)}")
 
         b = await Child.start("node B", __file__, "--role", "node-b", broker_url, str(count))
         await b.wait_for("consuming")
@@ -228,8 +233,7 @@ async def node_a(broker: str, count: int, rate: float) -> int:
                 await atx.execute("INSERT INTO orders(id, amount) VALUES (?, ?)", (n, n * 10))
                 await atx.publish("orders:created", {"order": n, "amount": n * 10})
             if n == count // 2:
-                relay.kill()  # SIGKILL: no chance to finish or ack anything in flight
-                await relay.stop()
+                await relay.kill()
                 print(f"node A: killed relay A#1 with SIGKILL after {n} commits; writing on")
                 relay = await Child.relay("relay A#2", source, broker_url, "outbox")
                 restarts += 1

@@ -23,7 +23,7 @@ def run_multi_node(broker: str) -> dict[str, tuple[int, int]]:
         [sys.executable, str(ROOT / "examples" / "multi_node.py"), "--broker", broker],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,  # ~6 s when it works; node B gives up after 30 s
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout + done.stderr

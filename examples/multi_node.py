@@ -202,7 +202,6 @@ def percentile(values: list[float], q: float) -> float:
 
 async def node_a(broker: str, count: int, rate: float) -> int:
     broker_url = durable_url(broker)
-    scheme = broker.split("://", 1)[0]
     with tempfile.TemporaryDirectory(prefix="node-a-") as tmp:
         db = Path(tmp) / "a.db"
         store = open_store(db)
@@ -267,16 +266,17 @@ async def node_a(broker: str, count: int, rate: float) -> int:
         "(the tail: orders committed while no relay ran)"
     )
 
-    # The relay forwards at least once; the broker drops a re-sent event id
-    # (JetStream Nats-Msg-Id; redis+durable's dedupe_window), so the broker
-    # holds one copy per event and B sees none twice.
-    # TODO(redis dedupe by event id): Redis forward() dedupe is new; until it
-    # has proven itself here, duplicates at B that match extra copies stored by
-    # Redis are reported, not failed. Then drop this allowance (0, as for NATS).
-    tolerated = copies - distinct if scheme == "redis" else 0
-    if tolerated:
-        print(f"note: Redis stored {tolerated} re-forwarded copies (dedupe by event id missed)")
-    ok = unique_b == count and dup_b <= tolerated and len(local) == count and dup_local == 0
+    # The relay forwards at least once (relay A#2 sends again what A#1 sent but
+    # had not acked); the broker drops a re-sent event id (JetStream
+    # Nats-Msg-Id, redis+durable's dedupe_window), so it holds one copy per
+    # event, and B's relay and consumer see none twice.
+    ok = (
+        unique_b == count
+        and dup_b == 0
+        and copies == distinct == count
+        and len(local) == count
+        and dup_local == 0
+    )
     if not ok:
         print("multi-node demo FAILED: see above")
     return 0 if ok else 1

@@ -9,7 +9,10 @@ subscriber, nats-py), never through the transport under test.
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -102,6 +105,16 @@ class Target:
         state = (await js.stream_info(self.name)).state
         seqs = range(state.first_seq, state.last_seq + 1) if state.messages else range(0)
         return [(await js.get_msg(self.name, seq)).headers["Nats-Msg-Id"] for seq in seqs]
+
+    async def count(self) -> int:
+        """How many events the stream holds (durable kinds)."""
+        if self.kind == "redis+durable":
+            assert isinstance(self.server, RedisServer)
+            length = self.server.call("XLEN", self.name)
+            assert isinstance(length, int)
+            return length
+        info = await self._raw.jetstream().stream_info(self.name)
+        return int(info.state.messages)
 
     async def close(self) -> None:
         if self.kind == "redis" and self._raw is not None:
@@ -359,3 +372,51 @@ def test_script_calls_take_at_most_64_events_or_512_kib() -> None:
     assert [k for call, n in zip(calls, counts, strict=True) for k in call[1 : 1 + n]] == [
         key for key, _ in [*small[:2], big, big, *small[2:]]
     ]
+
+
+# -- a forwarder killed mid-batch --------------------------------------------------
+
+FORWARDER = """
+import asyncio, json, sys
+import alkpubsub
+from alkpubsub import Event
+
+async def main():
+    events = [Event.model_validate(e) for e in json.load(open(sys.argv[2]))]
+    transport = await alkpubsub.connect(sys.argv[1])
+    print("ready", flush=True)
+    while True:  # forward everything again and again, as a relay that never saves
+        for start in range(0, len(events), 50):
+            await transport.forward_many(events[start : start + 50])
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("target", ["redis+durable", "nats+durable"], indirect=True)
+async def test_a_forwarder_killed_mid_batch_and_run_again_stores_each_event_once(
+    target: Target, tmp_path: Path
+) -> None:
+    batch = events(5000)
+    path = tmp_path / "events.json"
+    path.write_text(json.dumps([e.model_dump(mode="json") for e in batch]))
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FORWARDER, target.url(), str(path), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 30) == b"ready\n"
+        async with asyncio.timeout(30):
+            while await target.count() < 300:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+    finally:
+        child.kill()  # SIGKILL, somewhere inside a batch
+        await child.wait()
+    killed_at = await target.count()
+    assert killed_at < len(batch)  # killed during the first pass
+    async with await target.open() as transport:
+        results = [
+            r for s in range(0, 5000, 500) for r in await transport.forward_many(batch[s : s + 500])
+        ]
+    assert await target.ids() == [e.id for e in batch]
+    assert sum(r.duplicate for r in results) == killed_at

@@ -19,6 +19,7 @@ import nats
 import pytest
 import redis.asyncio as aioredis
 from brokers import NatsServer, RedisServer
+from nats.js.api import StreamConfig
 
 import alkpubsub
 from alkpubsub import ConfigError, Event, PayloadError
@@ -420,3 +421,29 @@ async def test_a_forwarder_killed_mid_batch_and_run_again_stores_each_event_once
         ]
     assert await target.ids() == [e.id for e in batch]
     assert sum(r.duplicate for r in results) == killed_at
+
+
+async def test_nats_refuses_only_the_event_its_stream_cannot_take(
+    nats_server_session: NatsServer,
+) -> None:
+    # The payload fits max_payload_bytes, but a long id (in the envelope and in
+    # Nats-Msg-Id) takes the message past the stream's max_msg_size: that one
+    # event is refused, not the whole batch.
+    target = Target("nats+durable", nats_server_session)
+    await target.start()
+    js = target._raw.jetstream()
+    await js.add_stream(
+        StreamConfig(name=target.name, subjects=[f"{target.name}.>"], max_msg_size=4096)
+    )
+    async with await target.open() as transport:
+        limit = transport.max_payload_bytes
+        assert limit < 4096
+        others = events(2)
+        long = Event.create(TOPIC, "x" * (limit - 2), origin="source")[0].model_copy(
+            update={"id": "i" * 1500}
+        )
+        results = await transport.forward_many([others[0], long, others[1]])
+    assert [r.refused is None for r in results] == [True, False, True]
+    assert isinstance(results[1].refused, PayloadError)
+    assert await target.ids() == [others[0].id, others[1].id]
+    await target.close()

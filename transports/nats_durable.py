@@ -9,9 +9,12 @@ Features
     as ``Nats-Msg-Id`` (the server drops a re-sent id within
     ``duplicate_window``) and retries on its own for up to ``publish_timeout``,
     across a broker restart, without duplicates; ``event.offset`` is the stream
-    sequence. A ``consumer`` name is a durable pull consumer (explicit ack,
-    filtered by the pattern's subject): at least once, it resumes after its
-    last ack; subscriptions sharing the name split the events. ``start`` applies
+    sequence. ``forward_many`` (the outbox relay) reports a copy the server
+    dropped as ``duplicate``, with the original's sequence, and refuses only
+    the events too large for the server or stream. A ``consumer`` name is a
+    durable pull consumer (explicit ack, filtered by the pattern's subject):
+    at least once, it resumes after its last ack; subscriptions sharing the
+    name split the events. ``start`` applies
     only when the consumer is created: ``"new"``, ``"earliest"`` or a stream
     sequence (inclusive). A subscription asks for no more events than its buffer
     has room for (backpressure, no loss), and a member of a named consumer holds

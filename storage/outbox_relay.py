@@ -160,7 +160,7 @@ class OutboxRelay:
                     ended = False
                 finally:
                     await sub.close()  # saves the position
-                    self._set_active(False, "stopped")
+                    self._set_active(False, "inactive: consumer released")
                     await self._report()
                 if ended:
                     break

@@ -138,3 +138,93 @@ async def test_an_event_the_target_can_never_take_does_not_hold_back_the_rest(
     finally:
         await source.close()
         await target.close()
+
+
+async def test_a_second_relay_stands_by_and_takes_over_when_the_first_stops(
+    tmp_path: Path,
+) -> None:
+    # Same file, same consumer name: the source's consumer lease lets one relay
+    # forward; the other stands by (relay.active is False) and takes over once
+    # the first stops, continuing after the first one's saved position.
+    db = tmp_path / "app.db"
+    store = open_store(db)
+    with store.transaction() as tx:
+        first_half = [tx.publish(f"orders:{i}", {"i": i}) for i in range(50)]
+    source = await alkpubsub.connect(f"honker+durable://{db}")
+    target = await alkpubsub.connect(f"memory://{unique('bus')}")
+    states: list[tuple[str, bool, str]] = []
+    standing_by = asyncio.Event()
+
+    def two_said(active: bool, detail: str) -> None:
+        states.append(("two", active, detail))
+        if detail.startswith("standby"):
+            standing_by.set()
+
+    try:
+        async with target.subscribe("orders:>", buffer=1000) as sub:
+            one = OutboxRelay(source, target, on_state=lambda a, d: states.append(("one", a, d)))
+            two = OutboxRelay(source, target, standby_poll=0.05, on_state=two_said)
+            stop_one, stop_two = asyncio.Event(), asyncio.Event()
+            running_one = asyncio.create_task(one.run(stop=stop_one))
+            got = await collect(sub, 50)
+            assert one.active
+            running_two = asyncio.create_task(two.run(stop=stop_two))
+            await asyncio.wait_for(standing_by.wait(), 10)
+            assert not two.active
+            stop_one.set()
+            await asyncio.wait_for(running_one, 10)
+            with store.transaction() as tx:
+                second_half = [tx.publish(f"orders:{i}", {"i": i}) for i in range(50, 80)]
+            got += await collect(sub, 30)
+            assert two.active
+            stop_two.set()
+            await asyncio.wait_for(running_two, 10)
+        assert [e.id for e in got] == [e.id for e in first_half + second_half]
+        assert (one.stats.forwarded, two.stats.forwarded) == (50, 30)
+        said = [(a, d.split(":")[0]) for who, a, d in states if who == "two"]
+        assert said == [(False, "standby"), (True, "active"), (False, "inactive")]
+    finally:
+        await source.close()
+        await target.close()
+
+
+def test_relay_command_prints_redacted_urls_and_a_summary(
+    tmp_path: Path, nats_server_session: object
+) -> None:
+    db = tmp_path / "app.db"
+    store = open_store(db)
+    with store.transaction() as tx:
+        for i in range(30):
+            tx.publish(f"orders:{i}", {"i": i})
+    server_url: str = nats_server_session.url  # type: ignore[attr-defined]
+    # The test server has no authentication; it ignores the credentials, and the
+    # relay must never print them.
+    target = durable_url(server_url, unique("R").upper()).replace(
+        "nats+durable://", "nats+durable://ops:s3cr3t-pw@", 1
+    )
+    cli = Path(sys.executable).with_name("alkpubsub")
+    args = ["relay", "--from", f"honker+durable://{db}", "--to", target, "--count", "30"]
+    done = subprocess.run(
+        [str(cli), *args, "--batch", "8"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert "s3cr3t" not in out
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"relay outbox-relay: honker+durable://{db} -> nats+durable://")
+    assert "***" in lines[0]
+    assert any(": active:" in line for line in lines)
+    assert "forwarded=30 duplicates=0 refused=0 retried=0" in lines[-1]
+    stats = subprocess.run(
+        [str(cli), "stats", "--url", f"honker+durable://{db}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "consumer=outbox-relay  offset=30  lag=0" in stats.stdout
+    assert "relay=outbox-relay  active=False" in stats.stdout
+    assert "forwarded=30" in stats.stdout
+    assert "s3cr3t" not in stats.stdout

@@ -30,9 +30,10 @@ Keys (in the transport's database; they expire with the window):
 
 They are written to the AOF/RDB like any key, so a server restarted with its
 data keeps deduplicating. Memory: one key per event forwarded within the
-window, ~180 bytes each with its expiry (measured with 36-character ids:
-170-185 bytes on ``redis://``), so 1,000 events/s with the default 120 s
-window hold ~22 MB. A server that evicts keys (``maxmemory-policy``
+window, ~200 bytes each with its expiry (measured with 36-character ids:
+used_memory grew 170-185 bytes per key on ``redis://``; a ``redis+durable://``
+key, holding the entry id, is ~30 bytes larger), so 1,000 events/s with the
+default 120 s window hold ~24 MB. A server that evicts keys (``maxmemory-policy``
 ``allkeys-*`` or ``volatile-*``) may drop dedupe keys early: then a
 re-forwarded event is stored again.
 

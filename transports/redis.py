@@ -49,7 +49,7 @@ Features
     concurrent relays (an atomic Lua script per event sets the key
     ``alkpubsub:dedupe:<channel>:<event id>`` and publishes; a batch is one
     pipelined round trip). The keys live in the URL's database (channels do
-    not), expire with the window and cost ~150 bytes per event in it
+    not), expire with the window and cost ~200 bytes per event in it
     (``_redis_dedupe.py``). ``publish`` never pays for it. Redis Cluster is
     not supported.
 

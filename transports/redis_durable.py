@@ -73,7 +73,7 @@ Features
     concurrent relays (an atomic Lua script per event sets the key
     ``alkpubsub:dedupe:{<stream>}:<event id>``, holding the entry id, and adds
     the entry; a batch is one pipelined round trip). The keys persist with
-    the server's data and expire with the window; they cost ~150 bytes per
+    the server's data and expire with the window; they cost ~200 bytes per
     event in the window (``_redis_dedupe.py``). ``publish`` never pays for
     it. Redis Cluster is not supported (the keys carry the stream's hash tag,
     but nothing else is cluster-aware).

@@ -24,9 +24,10 @@ subscribers on other nodes see each event once where the target deduplicates.
   is free (at once after the active one stopped or died on this host; after
   the source's ``consumer_ttl`` for another host).
 - **Stop**: when ``stop`` is set, the relay stops reading, finishes the batch
-  in flight (acks what the target confirmed; a batch the target cannot take
-  right now stays unacked and is forwarded again by the next relay), closes
-  the subscription (which saves the position) and returns.
+  in flight (acks what the target confirmed; a batch the target does not
+  confirm within ``drain_timeout`` seconds stays unacked and is forwarded
+  again by the next relay), closes the subscription (which saves the
+  position) and returns.
 
 Counters are in ``relay.stats`` (:class:`RelayStats`) and, for a Honker
 source, in ``<db>.relay-<consumer>.json`` beside the database, rewritten about
@@ -37,30 +38,21 @@ every ``stats_interval`` seconds for ``alkpubsub stats`` (see
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from alkpubsub.abilities import BatchForwarding, ConsumerStatsSource, Forwarded
+from alkpubsub.abilities import BatchForwarding, Forwarded
 from alkpubsub.capabilities import Start
 from alkpubsub.config import redact_url
-from alkpubsub.errors import (
-    Closed,
-    ConfigError,
-    ConnectionLost,
-    ConsumerBusy,
-    InvalidTopic,
-    PayloadError,
-    PubSubError,
-)
+from alkpubsub.errors import ConfigError, ConnectionLost, ConsumerBusy
 from alkpubsub.event import Event
 from alkpubsub.subscription import DEFAULT_BUFFER, Subscription
 from alkpubsub.transport import Transport
 
-from .relay_stats import RelayStats, relay_record, stats_path, write_stats, written_by
+from .relay_forward import BatchForwarder
+from .relay_stats import RelayStats, StatsFile, consumer_lag, stats_path
 from .store import Store
 
 __all__ = ["OutboxRelay", "RelayStats"]
@@ -95,6 +87,7 @@ class OutboxRelay:
         standby_poll: float = 0.5,
         stats_interval: float = 1.0,
         stats_file: bool = True,
+        drain_timeout: float = 5.0,
         on_state: StateCallback | None = None,
     ) -> None:
         if not source.capabilities.consumer_offsets:
@@ -116,6 +109,7 @@ class OutboxRelay:
         self.max_retry_delay = max_retry_delay
         self.standby_poll = standby_poll
         self.stats_interval = stats_interval
+        self.drain_timeout = drain_timeout
         self.stats = RelayStats()
         self.stats_path: Path | None = None
         """Where the counters are written (set once the source's file is known)."""
@@ -124,6 +118,8 @@ class OutboxRelay:
         self._position = 0  # the source offset of the last event acked
         self._stop: asyncio.Event = asyncio.Event()
         self._stopper: asyncio.Task[bool] | None = None
+        self._forwarder: BatchForwarder
+        self._file: StatsFile | None = None
 
     @property
     def active(self) -> bool:
@@ -142,9 +138,28 @@ class OutboxRelay:
         ``limit`` events were handled, or the task is cancelled."""
         self._stop = stop = stop or asyncio.Event()
         self._stopper = asyncio.create_task(stop.wait(), name="alkpubsub-relay-stop")
+        target = self.target
+        assert isinstance(target, BatchForwarding)  # checked in __init__
+        self._forwarder = BatchForwarder(
+            target,
+            name=redact_url(self.target.name),
+            consumer=self.consumer,
+            stats=self.stats,
+            stopped=self._stopper,
+            retry_delay=self.retry_delay,
+            max_retry_delay=self.max_retry_delay,
+            drain_timeout=self.drain_timeout,
+        )
         if self._stats_file and isinstance(self.source, StoreBacked):
             store = await self.source.open_store()
             self.stats_path = stats_path(store.path, self.consumer)
+            self._file = StatsFile(
+                self.stats_path,
+                consumer=self.consumer,
+                pattern=self.pattern,
+                source=redact_url(self.source.name),
+                target=redact_url(self.target.name),
+            )
         reporter = asyncio.create_task(self._report_loop(), name="alkpubsub-relay-stats")
         try:
             while not self._finished(limit):
@@ -168,7 +183,8 @@ class OutboxRelay:
             reporter.cancel()
             self._stopper.cancel()
             await asyncio.gather(reporter, self._stopper, return_exceptions=True)
-            self._write_final()
+            if self._file is not None:
+                self._file.write_final(self.stats, position=self._position)
 
     def _finished(self, limit: int | None) -> bool:
         return self._stop.is_set() or (limit is not None and self.handled >= limit)
@@ -188,7 +204,7 @@ class OutboxRelay:
                     announced = True
                     log.info("relay %s: standby (%s)", self.consumer, exc)
                     self._set_active(False, f"standby: {exc}")
-                await self._sleep(self.standby_poll)
+                await self._forwarder.sleep(self.standby_poll)
                 continue
             self._set_active(True, f"active: consumer {self.consumer!r} claimed")
             return sub
@@ -202,14 +218,6 @@ class OutboxRelay:
             if self._on_state is not None:
                 self._on_state(active, detail)
 
-    async def _sleep(self, seconds: float) -> bool:
-        """Wait ``seconds``, or less if stopped; True when stopped."""
-        stopper = self._stopper
-        assert stopper is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(stopper), seconds)
-        return self._stop.is_set()
-
     async def _pump(self, sub: Subscription, limit: int | None) -> bool:
         """Forward batches until stopped (True) or the subscription ended (True)."""
         while not self._finished(limit):
@@ -219,7 +227,7 @@ class OutboxRelay:
                 return True  # the source closed underneath
             if not batch:
                 continue  # stopped while waiting: the loop condition ends it
-            results = await self._forward(batch)
+            results = await self._forwarder.forward(batch)
             await self._settle(sub, batch, results)
         return True
 
@@ -246,53 +254,6 @@ class OutboxRelay:
         while len(batch) < cap and sub.buffered:
             batch.append(await sub.__anext__())
         return batch
-
-    async def _forward(self, batch: Sequence[Event]) -> list[Forwarded]:
-        """Forward ``batch`` until the target confirms it; fewer results than
-        events (a prefix) when stopped while the target is down."""
-        target = self.target
-        assert isinstance(target, BatchForwarding)  # checked in __init__
-        delay = self.retry_delay
-        failures = 0
-        while True:
-            try:
-                results = await target.forward_many(batch)
-            except (PayloadError, InvalidTopic) as exc:
-                # The whole batch was refused for one event's sake: find which.
-                if len(batch) == 1:
-                    return [Forwarded(batch[0], refused=exc)]
-                return await self._one_by_one(batch)
-            except (PubSubError, OSError) as exc:
-                if isinstance(exc, Closed):
-                    raise
-                failures += 1
-                self.stats.retried += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                if failures == 1 or failures % 30 == 0:
-                    log.warning(
-                        "relay %s: %s did not take %d events (%s); retrying in %.1f s",
-                        self.consumer,
-                        redact_url(target.name),
-                        len(batch),
-                        exc,
-                        delay,
-                    )
-                if await self._sleep(delay):
-                    return []
-                delay = min(delay * 2, self.max_retry_delay)
-                continue
-            if failures:
-                log.info("relay %s: %s takes events again", self.consumer, target.name)
-            return results
-
-    async def _one_by_one(self, batch: Sequence[Event]) -> list[Forwarded]:
-        done: list[Forwarded] = []
-        for event in batch:
-            result = await self._forward([event])
-            if not result:
-                break  # stopped
-            done.extend(result)
-        return done
 
     async def _settle(
         self, sub: Subscription, batch: Sequence[Event], results: Sequence[Forwarded]
@@ -335,49 +296,11 @@ class OutboxRelay:
     async def _report(self) -> None:
         """Refresh ``stats.lag`` and, while active, rewrite the stats file."""
         if self.stats.active:
-            await self._refresh_lag()
-            self._write(self.stats.active)
-
-    async def _refresh_lag(self) -> None:
-        source = self.source
-        if not isinstance(source, ConsumerStatsSource):
-            return
-        try:
-            rows = await source.consumer_stats()
-        except (PubSubError, OSError) as exc:
-            log.debug("relay %s: no consumer stats (%s)", self.consumer, exc)
-            return
-        for row in rows:
-            if row.consumer == self.consumer and row.kind == "alkpubsub" and row.lag is not None:
-                head = row.offset + row.lag
-                self.stats.lag = max(head - max(row.offset, self._position), 0)
-                return
-
-    def _write(self, active: bool) -> None:
-        path = self.stats_path
-        if path is None:
-            return
-        record = relay_record(
-            self.stats,
-            consumer=self.consumer,
-            pattern=self.pattern,
-            source=redact_url(self.source.name),
-            target=redact_url(self.target.name),
-            position=self._position,
-        )
-        record["active"] = active
-        try:
-            write_stats(path, record)
-        except OSError as exc:
-            log.warning("relay %s: cannot write %s: %s", self.consumer, path, exc)
-
-    def _write_final(self) -> None:
-        """The last record, unless another relay took the file over meanwhile."""
-        path = self.stats_path
-        if path is None:
-            return
-        if written_by(path) in (None, os.getpid()):
-            self._write(False)
+            lag = await consumer_lag(self.source, self.consumer, self._position)
+            if lag is not None:
+                self.stats.lag = lag
+            if self._file is not None:
+                self._file.write(self.stats, position=self._position)
 
 
 async def _next(sub: Subscription) -> Event | None:

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from alkpubsub.abilities import ConsumerStatsSource
+from alkpubsub.errors import PubSubError
+
+log = logging.getLogger("alkpubsub.relay")
 
 STALE_AFTER = 10.0
 """Seconds without a rewrite after which a relay's file no longer counts as active."""
@@ -123,6 +129,46 @@ def written_by(path: Path) -> int | None:
         return None
     pid = record.get("pid") if isinstance(record, dict) else None
     return pid if isinstance(pid, int) else None
+
+
+class StatsFile:
+    """The stats file one relay writes; ``about`` goes into every record
+    (consumer, pattern, redacted URLs)."""
+
+    def __init__(self, path: Path, **about: Any) -> None:
+        self.path = path
+        self.about = about
+
+    def write(self, stats: RelayStats, *, position: int, active: bool | None = None) -> None:
+        """Rewrite the file with ``stats`` (a failure is logged, never raised)."""
+        record = relay_record(stats, position=position, **self.about)
+        if active is not None:
+            record["active"] = active
+        try:
+            write_stats(self.path, record)
+        except OSError as exc:
+            log.warning("relay: cannot write %s: %s", self.path, exc)
+
+    def write_final(self, stats: RelayStats, *, position: int) -> None:
+        """The last record (not active), unless another relay took the file over."""
+        if written_by(self.path) in (None, os.getpid()):
+            self.write(stats, position=position, active=False)
+
+
+async def consumer_lag(source: object, consumer: str, position: int) -> int | None:
+    """Source events past the relay's position: the head (from the source's
+    ``consumer_stats()``) minus the later of the saved offset and ``position``."""
+    if not isinstance(source, ConsumerStatsSource):
+        return None
+    try:
+        rows = await source.consumer_stats()
+    except (PubSubError, OSError) as exc:
+        log.debug("relay %s: no consumer stats (%s)", consumer, exc)
+        return None
+    for row in rows:
+        if row.consumer == consumer and row.kind == "alkpubsub" and row.lag is not None:
+            return max(row.offset + row.lag - max(row.offset, position), 0)
+    return None
 
 
 def remove_stats(path: Path) -> None:

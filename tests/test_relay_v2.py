@@ -27,7 +27,7 @@ from brokers import NatsServer, RedisServer
 import alkpubsub
 from alkpubsub.abilities import Forwarded
 from alkpubsub.conformance import collect, unique
-from alkpubsub.errors import PublishError
+from alkpubsub.errors import PayloadError, PublishError
 from alkpubsub.event import Event
 from alkpubsub.storage import open_store
 from alkpubsub.storage.outbox_relay import OutboxRelay
@@ -369,6 +369,71 @@ async def test_relay_stats_reach_code_and_the_stats_command(tmp_path: Path) -> N
         await target.close()
     [done] = read_stats(db)
     assert done["active"] is False and done["forwarded"] == 300
+
+
+class PickyTarget(InProcessTransport):
+    """Refuses a whole batch that holds an event with ``"bad"`` in its payload
+    (as a broker that checks sizes per batch would), or hangs when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang = False
+
+    async def forward_batch(self, batch: list[tuple[Event, bytes]]) -> list[Forwarded]:
+        if self.hang:
+            await asyncio.sleep(3600)
+        if any("bad" in e.payload for e, _ in batch):
+            raise PayloadError("one event of the batch is too large for this broker (test)")
+        return await super().forward_batch(batch)
+
+
+async def test_a_batch_refused_whole_is_split_to_refuse_only_the_bad_event(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "app.db"
+    source = await alkpubsub.connect(f"honker+durable://{db}?max_deliveries=1")
+    target = PickyTarget()
+    store = open_store(db)
+    with store.transaction() as tx:
+        good = [tx.publish("orders:x", {"i": i}) for i in range(20)]
+        tx.publish("orders:x", {"bad": True})
+        good += [tx.publish("orders:x", {"i": i}) for i in range(20, 40)]
+    try:
+        async with target.subscribe("orders:>") as sub:
+            relay = OutboxRelay(source, target, batch=100)
+            await asyncio.wait_for(relay.run(limit=40), 20)
+            got = await collect(sub, 40)
+        assert [e.id for e in got] == [e.id for e in good]
+        assert relay.stats.refused == 1 and relay.stats.retried == 0
+    finally:
+        await source.close()
+        await target.close()
+
+
+async def test_stop_while_the_target_does_not_answer_returns_after_drain_timeout(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "app.db"
+    commit(db, 10)
+    source = await alkpubsub.connect(f"honker+durable://{db}")
+    target = PickyTarget()
+    target.hang = True
+    relay = OutboxRelay(source, target, drain_timeout=0.3)
+    stop = asyncio.Event()
+    try:
+        running = asyncio.create_task(relay.run(stop=stop))
+        await asyncio.sleep(0.3)
+        assert relay.active
+        stop.set()
+        started = time.monotonic()
+        await asyncio.wait_for(running, 5)
+        assert time.monotonic() - started < 2
+        assert relay.handled == 0
+        # Nothing was confirmed, so nothing was acked: a later relay sends all 10.
+        assert open_store(db).consumer_offsets()["outbox-relay"] == 0
+    finally:
+        await source.close()
+        await target.close()
 
 
 # -- real brokers --------------------------------------------------------------

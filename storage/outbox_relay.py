@@ -179,6 +179,7 @@ class OutboxRelay:
                     await self._report()
                 if ended:
                     break
+                await self._forwarder.sleep(self.standby_poll)  # no hot loop on a failing source
         finally:
             reporter.cancel()
             self._stopper.cancel()

@@ -439,6 +439,29 @@ async def test_stop_while_the_target_does_not_answer_returns_after_drain_timeout
 # -- real brokers --------------------------------------------------------------
 
 
+async def test_events_the_broker_already_holds_are_counted_as_duplicates_and_acked(
+    tmp_path: Path, broker: Broker
+) -> None:
+    # Two relays under different consumer names forward the same file to one
+    # stream: the second one's events are all at the broker already (same ids).
+    db = tmp_path / "app.db"
+    sent = commit(db, 300)
+    source = await alkpubsub.connect(f"honker+durable://{db}")
+    target = await alkpubsub.connect(broker.url)
+    try:
+        first = OutboxRelay(source, target, consumer="first")
+        await asyncio.wait_for(first.run(limit=300), 20)
+        again = OutboxRelay(source, target, consumer="again")
+        await asyncio.wait_for(again.run(limit=300), 20)
+        assert (first.stats.forwarded, first.stats.duplicates) == (300, 0)
+        assert (again.stats.forwarded, again.stats.duplicates) == (0, 300)
+        assert open_store(db).consumer_offsets()["again"] == 300  # acked all the same
+        assert_each_once(await broker.ids(), sent)
+    finally:
+        await source.close()
+        await target.close()
+
+
 @pytest.mark.parametrize("kind", ["nats", "redis"])
 async def test_broker_stopped_mid_stream_then_restarted_loses_nothing(
     tmp_path: Path, kind: str, nats_server: NatsServer, redis_server: RedisServer

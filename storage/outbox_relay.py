@@ -174,9 +174,11 @@ class OutboxRelay:
                     log.warning("relay %s: source subscription failed (%s)", self.consumer, exc)
                     ended = False
                 finally:
+                    await self._report()
                     await sub.close()  # saves the position
                     self._set_active(False, "inactive: consumer released")
-                    await self._report()
+                    if self._file is not None:
+                        self._file.write_final(self.stats, position=self._position)
                 if ended:
                     break
                 await self._forwarder.sleep(self.standby_poll)  # no hot loop on a failing source
@@ -184,7 +186,7 @@ class OutboxRelay:
             reporter.cancel()
             self._stopper.cancel()
             await asyncio.gather(reporter, self._stopper, return_exceptions=True)
-            if self._file is not None:
+            if self._file is not None and self._file.path.exists():
                 self._file.write_final(self.stats, position=self._position)
 
     def _finished(self, limit: int | None) -> bool:

@@ -206,7 +206,9 @@ class OutboxRelay:
                 if not announced:
                     announced = True
                     log.info("relay %s: standby (%s)", self.consumer, exc)
-                    self._set_active(False, f"standby: {exc}")
+                    self._set_active(
+                        False, f"standby: {exc} (trying again every {self.standby_poll:g} s)"
+                    )
                 await self._forwarder.sleep(self.standby_poll)
                 continue
             self._set_active(True, f"active: consumer {self.consumer!r} claimed")

@@ -38,19 +38,20 @@ Transport Options (on each target's URL; see :mod:`alkpubsub.composite.legs`)
 from __future__ import annotations
 
 import asyncio
-import collections
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Container, Coroutine, Sequence
 from dataclasses import fields
+from typing import Any
 
 from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, Forwarding, max_deliveries_of
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings
 from alkpubsub.errors import ConfigError, PublishError
 from alkpubsub.event import Event
-from alkpubsub.transport import BaseTransport, Subscription, Transport
+from alkpubsub.transport import DEFAULT_BUFFER, BaseTransport, Subscription, Transport
 
-from .legs import LegPolicy, LegStats, has_policy, split_policy
+from .legs import OPTIONS, LegPolicy, LegStats, has_policy, split_policy
 
 log = logging.getLogger("alkpubsub.composite")
 
@@ -59,6 +60,9 @@ RECENT_IDS = 4096
 OPTIONAL_RETRY = 1.0
 """Seconds before a subscription tries again an optional target it could not
 subscribe to (doubling up to 30 s)."""
+OPTIONAL_START_TIMEOUT = 5.0
+"""Seconds a subscription waits for an optional target without a
+``composite_timeout`` to go live before going on without it."""
 
 
 def _combine(local: Capabilities, targets: Sequence[Capabilities]) -> Capabilities:
@@ -76,6 +80,41 @@ def _combine(local: Capabilities, targets: Sequence[Capabilities]) -> Capabiliti
     return Capabilities(**values)
 
 
+class _Either:
+    """Contains what either of two containers contains."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: Container[str], b: Container[str]) -> None:
+        self.a, self.b = a, b
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.a or item in self.b
+
+
+class _Seen:
+    """Ids delivered recently, in two generations of up to ``size`` each: a copy
+    arriving within ``size`` events of the first is always recognised, and
+    forgetting happens a generation at a time, so one copy that comes too late
+    never makes the next one late too."""
+
+    __slots__ = ("current", "previous", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.current: set[str] = set()
+        self.previous: set[str] = set()
+
+    def first(self, event_id: str) -> bool:
+        """True (and remembered) the first time ``event_id`` is seen."""
+        if event_id in self.current or event_id in self.previous:
+            return False
+        self.current.add(event_id)
+        if len(self.current) >= self.size:
+            self.previous, self.current = self.current, set()
+        return True
+
+
 class CompositeSubscription(Subscription):
     """Merges the legs' live subscriptions, dropping echoes and duplicates."""
 
@@ -84,28 +123,20 @@ class CompositeSubscription(Subscription):
     def __init__(self, transport: CompositeTransport, pattern: str, *, buffer: int) -> None:
         super().__init__(transport, pattern, buffer=buffer)
         self._legs: list[Subscription] = []
-        self._retries: list[asyncio.Task[None]] = []
-        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seen = _Seen(RECENT_IDS)
 
     async def on_start(self) -> None:
         composite = self.transport
         try:
             await self._open_leg(composite.local, 0)
-            for index, target in enumerate(composite.targets, start=1):
+            for index in range(1, len(composite.targets) + 1):
                 try:
-                    await self._open_leg(target, index)
+                    await self._open_leg(composite.targets[index - 1], index)
                 except Exception as exc:
                     if composite.policies[index - 1].required:
                         raise
-                    # An optional target that is down must not stop the others:
-                    # keep trying it in the background.
-                    log.warning(
-                        "%s: optional target %s cannot subscribe (%s); retrying",
-                        self,
-                        target.name,
-                        _why(exc),
-                    )
-                    self._retries.append(asyncio.create_task(self._retry(target, index)))
+                    self._optional_down(index, exc)
         except BaseException:
             await self.on_close()
             raise
@@ -114,11 +145,50 @@ class CompositeSubscription(Subscription):
         sub = leg.subscribe(self.pattern.text, buffer=self.buffer_size)
         if index == 0:
             sub.deliver_to(self._accept, self.fail)
+            await sub.start()
         else:
-            sub.deliver_to(self._from_target, self.fail)
-            sub.skip_origin = self.transport.origin  # echoes: dropped before decoding
-        await sub.start()
+            composite = self.transport
+            durable = index - 1 == composite.durable_index
+            sub.deliver_to(
+                functools.partial(self._from_target, durable),
+                functools.partial(self._leg_failed, index, sub),
+            )
+            sub.skip_origin = composite.origin  # echoes: dropped before decoding
+            sub.keep_ids = composite.kept_by_durable if durable else composite.unsure
+            policy = self.transport.policies[index - 1]
+            if policy.required:
+                await sub.start()
+            else:
+                # A hung optional target must not hold the subscription up.
+                try:
+                    async with asyncio.timeout(policy.timeout or OPTIONAL_START_TIMEOUT):
+                        await sub.start()
+                except BaseException:
+                    await sub.close()
+                    raise
         self._legs.append(sub)
+
+    def _leg_failed(self, index: int, sub: Subscription, error: BaseException) -> None:
+        if self.transport.policies[index - 1].required:
+            self.fail(error)
+            return
+        if sub in self._legs:
+            self._legs.remove(sub)
+        self._spawn(sub.close())
+        self._optional_down(index, error)
+
+    def _optional_down(self, index: int, error: BaseException) -> None:
+        """An optional target cannot deliver: go on without it, and keep trying it."""
+        if self.closed:
+            return
+        target = self.transport.targets[index - 1]
+        log.warning("%s: optional target %s stopped (%s); retrying", self, target.name, _why(error))
+        self._spawn(self._retry(target, index))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _retry(self, leg: Transport, index: int) -> None:
         pause = OPTIONAL_RETRY
@@ -129,27 +199,24 @@ class CompositeSubscription(Subscription):
             except Exception:
                 pause = min(pause * 2, 30.0)
                 continue
-            log.info("%s: optional target %s subscribed", self, leg.name)
+            log.info("%s: optional target %s subscribed again", self, leg.name)
             return
 
-    def _from_target(self, event: Event) -> None:
-        if event.origin != self.transport.origin:
+    def _from_target(self, durable: bool, event: Event) -> None:
+        composite = self.transport
+        keep = composite.kept_by_durable if durable else composite.unsure
+        if event.origin != composite.origin or event.id in keep:
             self._accept(event)
         # else: published here, and the local leg delivered it already
 
     def _accept(self, event: Event) -> None:
-        recent = self._recent
-        if event.id in recent:
-            return
-        recent[event.id] = None
-        if len(recent) > RECENT_IDS:
-            recent.popitem(last=False)
-        self.push(event)
+        if self._seen.first(event.id):
+            self.push(event)
 
     async def on_close(self) -> None:
-        for task in self._retries:
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._retries, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for sub in self._legs:
             await sub.close()
 
@@ -187,8 +254,9 @@ class CompositeTransport(BaseTransport):
         self.name = "composite(" + ", ".join(t.name for t in (local, *targets)) + ")"
         self.capabilities = _combine(local.capabilities, [t.capabilities for t in targets])
         self._durable = next((t for t in targets if t.capabilities.consumer_offsets), None)
-        self._durable_index = targets.index(self._durable) if self._durable is not None else -1
-        if self._durable is not None and not self.policies[self._durable_index].required:
+        self.durable_index = targets.index(self._durable) if self._durable is not None else -1
+        """Which target is the durable one (-1: none)."""
+        if self._durable is not None and not self.policies[self.durable_index].required:
             raise ConfigError(
                 f"the durable target {self._durable.name} cannot be optional: publish returns "
                 "its offset and durable subscriptions read it; drop composite_required=false"
@@ -198,6 +266,14 @@ class CompositeTransport(BaseTransport):
             for t, p in zip(targets, self.policies, strict=True)
         ]
         self._failing: set[int] = set()
+        self.unsure: dict[str, None] = {}
+        """Ids of publishes here that failed or were cancelled before every
+        required target answered: a target may have stored them after all, so
+        a copy coming back from one is delivered, not dropped as an echo."""
+        self.pending: dict[str, None] = {}
+        """Ids of publishes in flight: a copy from the durable target (which
+        has stored it) is delivered; subscribers drop the local one after it."""
+        self.kept_by_durable = _Either(self.pending, self.unsure)
 
     # -- publishing ----------------------------------------------------------
 
@@ -213,6 +289,25 @@ class CompositeTransport(BaseTransport):
 
     async def _to_targets(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         """Hand ``batch`` to every target; the events as the durable one stored them."""
+        pending = self.pending
+        for event, _ in batch:
+            pending[event.id] = None
+        try:
+            return await self._store(batch)
+        except BaseException:
+            # Failed or cancelled: whether a target stored it is unknown. If
+            # one did, its copy is delivered here (like everywhere else).
+            unsure = self.unsure
+            for event, _ in batch:
+                unsure[event.id] = None
+            while len(unsure) > RECENT_IDS:
+                del unsure[next(iter(unsure))]
+            raise
+        finally:
+            for event, _ in batch:
+                pending.pop(event.id, None)
+
+    async def _store(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         targets = self.targets
         if len(targets) == 1:
             results: list[list[Event] | BaseException] = [await self._attempt(0, batch)]
@@ -234,11 +329,13 @@ class CompositeTransport(BaseTransport):
             assert isinstance(first, BaseException)
             raise PublishError(
                 f"publish to {batch[0][0].topic!r} failed on {names}; succeeded on "
-                f"{list(ok) or 'none'}; not delivered locally. Retry the publish (a target that "
-                "timed out may still store it; subscribers drop a repeated id)",
+                f"{list(ok) or 'none'}; not delivered in-process now (if a target stored it, "
+                "subscribers here get it from that target). Retry: PublishError.events holds "
+                "the events, which forward() sends again with the same ids",
                 succeeded=ok,
+                events=tuple(event for event, _ in batch),
             ) from first
-        durable = results[self._durable_index] if self._durable_index >= 0 else None
+        durable = results[self.durable_index] if self.durable_index >= 0 else None
         return durable if isinstance(durable, list) else [event for event, _ in batch]
 
     async def _attempt(
@@ -246,18 +343,20 @@ class CompositeTransport(BaseTransport):
     ) -> list[Event] | BaseException:
         target, stats = self.targets[index], self._stats[index]
         timeout = stats.timeout
+        scope: asyncio.Timeout | None = None
         try:
             if timeout is None:
                 stored = await _send(target, batch)
             else:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout) as scope:
                     stored = await _send(target, batch)
-        except Exception as exc:
+        except Exception as raised:
             stats.failed += 1
-            if isinstance(exc, TimeoutError):
+            error: Exception = raised
+            if scope is not None and scope.expired():
                 stats.timed_out += 1
-                exc = TimeoutError(f"no answer within composite_timeout={timeout:g}s")
-            stats.last_error = _why(exc)
+                error = TimeoutError(f"no answer within composite_timeout={timeout:g}s")
+            stats.last_error = _why(error)
             if not stats.required and index not in self._failing:
                 self._failing.add(index)
                 log.warning(
@@ -267,7 +366,7 @@ class CompositeTransport(BaseTransport):
                     target.name,
                     stats.last_error,
                 )
-            return exc
+            return error
         stats.accepted += len(batch)
         if index in self._failing:
             self._failing.discard(index)
@@ -280,6 +379,19 @@ class CompositeTransport(BaseTransport):
         return list(self._stats)
 
     # -- subscribing -----------------------------------------------------------
+
+    def subscribe(
+        self,
+        pattern: str,
+        *,
+        consumer: str | None = None,
+        start: Start = "new",
+        buffer: int = DEFAULT_BUFFER,
+    ) -> Subscription:
+        sub = super().subscribe(pattern, consumer=consumer, start=start, buffer=buffer)
+        if sub.transport is not self:
+            self.forget(sub)  # the durable target's own: it tracks (and closes) it
+        return sub
 
     def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
@@ -315,6 +427,7 @@ async def _send(leg: Transport, batch: list[tuple[Event, bytes]]) -> list[Event]
     BaseTransport (the composite checked them against every leg's limits, so
     they are not encoded again), else through ``forward``."""
     if isinstance(leg, BaseTransport):
+        leg.check_open()
         if len(batch) == 1:
             return [await leg.send(*batch[0])]
         return await leg.send_batch(batch)
@@ -337,12 +450,22 @@ async def open_composite(urls: Sequence[str], settings: Settings) -> CompositeTr
             "composite_required/composite_timeout apply to targets, not to the local leg "
             f"{urls[0].split('?', 1)[0]!r}"
         )
+    misplaced = sorted(set(settings.options) & set(OPTIONS))
+    if misplaced:
+        raise ConfigError(
+            f"Settings.options {misplaced[0]!r} is not read: put composite_required and "
+            "composite_timeout on each target's URL (or set Settings.composite_timeout)"
+        )
     default = settings.composite_timeout or None
     split = [split_policy(url, default) for url in urls[1:]]
+    # The composite's origin marks its own publishes (echoes are dropped by it);
+    # each leg keeps a distinct one, so events its store writes (tx.publish)
+    # are not taken for echoes.
+    leg_settings = settings.model_copy(update={"origin": None})
     legs: list[Transport] = []
     try:
         for url in [urls[0], *(leg_url for leg_url, _ in split)]:
-            legs.append(await open_transport(url, settings))
+            legs.append(await open_transport(url, leg_settings))
         return CompositeTransport(
             legs[0], *legs[1:], origin=settings.origin, policies=[p for _, p in split]
         )

@@ -97,8 +97,6 @@ def _flag(text: str, url: str) -> bool:
 
 
 def _seconds(text: str, url: str) -> float | None:
-    if text.strip().lower() in ("", "none", "0"):
-        return None
     try:
         value = float(text)
     except ValueError:
@@ -107,4 +105,4 @@ def _seconds(text: str, url: str) -> float | None:
         raise ConfigError(
             f"{TIMEOUT}={text!r} in {redact_url(url)!r} must be seconds >= 0 (0: no limit)"
         )
-    return value
+    return value or None

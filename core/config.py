@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     buffer: int = 1024
     max_deliveries: int = 5
     origin: str | None = None
+    """The ``origin`` stamped on this process's events (default: pid plus a
+    random part). It must be unique per process: a composite drops events of
+    its own origin coming back from a target as echoes of its own publishes."""
     composite_timeout: float = 5.0
     """Seconds a composite waits for each target to accept an event (0: no
     limit); a target URL's ``composite_timeout`` option wins."""

@@ -7,6 +7,8 @@ before they are put in a message.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PubSubError(Exception):
     """Base class of every error alkpubsub raises on purpose."""
@@ -29,11 +31,16 @@ class ConnectionLost(PubSubError, ConnectionError):
 
 
 class PublishError(PubSubError):
-    """A publish was not accepted. ``succeeded`` names the legs that did accept it."""
+    """A publish was not accepted. ``succeeded`` names the legs that did accept
+    it; ``events`` holds the events of the failed publish where the transport
+    knows them (the composite), so a retry can ``forward`` them with their ids."""
 
-    def __init__(self, message: str, *, succeeded: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, message: str, *, succeeded: tuple[str, ...] = (), events: tuple[Any, ...] = ()
+    ) -> None:
         super().__init__(message)
         self.succeeded = succeeded
+        self.events = events
 
 
 class ConsumerBusy(PubSubError):

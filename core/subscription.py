@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Literal, Self
@@ -101,7 +101,10 @@ class Subscription:
         self.skip_origin: str | None = None
         """Events of this ``origin`` are not wanted here: a transport may drop
         them as early as it can, before decoding them (the composite sets it on
-        its targets' subscriptions to its own origin: those are echoes)."""
+        its targets' subscriptions to its own origin: those are echoes)..."""
+        self.keep_ids: Container[str] = ()
+        """...except those with these ids (the composite's publishes whose
+        outcome it does not know: if a target stored one, it is delivered)."""
 
     # -- lifecycle ---------------------------------------------------------
 

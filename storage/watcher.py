@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alkpubsub.errors import ConnectionLost
@@ -69,7 +70,9 @@ class Listener(Protocol):
     after_id: int
     """Deliver only rows with a larger id (set when it is added)."""
     skip_origin: str | None
-    """Our envelopes of this origin are skipped before decoding (composite echoes)."""
+    """Our envelopes of this origin are skipped before decoding (composite echoes)..."""
+    keep_ids: Container[str]
+    """...unless their id is here."""
 
     @property
     def pattern(self) -> Pattern: ...
@@ -287,6 +290,7 @@ class Watcher:
                         skip is not None
                         and parsed.kind == "ours"
                         and parsed.value.get("origin") == skip
+                        and parsed.value.get("id") not in sub.keep_ids
                     ):
                         continue  # an echo this subscriber does not want
                     decoder = sub.decoder

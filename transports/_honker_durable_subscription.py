@@ -172,6 +172,7 @@ class HonkerDurableSubscription(Subscription):
                     skip is not None
                     and parsed.kind == "ours"
                     and parsed.value.get("origin") == skip
+                    and parsed.value.get("id") not in self.keep_ids
                 ):
                     self._pos = offset  # an echo the subscriber does not want
                     continue

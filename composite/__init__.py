@@ -42,7 +42,7 @@ import functools
 import logging
 from collections.abc import Container, Coroutine, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from alkpubsub.abilities import DEFAULT_MAX_DELIVERIES, Forwarding, max_deliveries_of
 from alkpubsub.capabilities import Capabilities, Start
@@ -78,6 +78,14 @@ def _combine(local: Capabilities, targets: Sequence[Capabilities]) -> Capabiliti
         else:
             values[name] = bool(durable and getattr(durable, name))
     return Capabilities(**values)
+
+
+@runtime_checkable
+class SkipsOwn(Protocol):
+    """A durable subscription that can pass over rows known to be its own
+    echoes without reading them (``honker+durable://``)."""
+
+    def skip_own(self, first: int, last: int) -> None: ...
 
 
 class _Either:
@@ -155,6 +163,8 @@ class CompositeSubscription(Subscription):
             )
             sub.skip_origin = composite.origin  # echoes: dropped before decoding
             sub.keep_ids = composite.kept_by_durable if durable else composite.unsure
+            if durable and isinstance(sub, SkipsOwn):
+                composite.echo_readers.add(sub)  # told which offsets are echoes
             policy = self.transport.policies[index - 1]
             if policy.required:
                 await sub.start()
@@ -214,6 +224,8 @@ class CompositeSubscription(Subscription):
             self.push(event)
 
     async def on_close(self) -> None:
+        for sub in self._legs:
+            self.transport.echo_readers.discard(sub)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -274,6 +286,8 @@ class CompositeTransport(BaseTransport):
         """Ids of publishes in flight: a copy from the durable target (which
         has stored it) is delivered; subscribers drop the local one after it."""
         self.kept_by_durable = _Either(self.pending, self.unsure)
+        self.echo_readers: set[Subscription] = set()
+        """Subscriptions to the durable target that can pass over our own rows."""
 
     # -- publishing ----------------------------------------------------------
 
@@ -293,7 +307,7 @@ class CompositeTransport(BaseTransport):
         for event, _ in batch:
             pending[event.id] = None
         try:
-            return await self._store(batch)
+            stored = await self._store(batch)
         except BaseException:
             # Failed or cancelled: whether a target stored it is unknown. If
             # one did, its copy is delivered here (like everywhere else).
@@ -306,6 +320,13 @@ class CompositeTransport(BaseTransport):
         finally:
             for event, _ in batch:
                 pending.pop(event.id, None)
+        if self.echo_readers:
+            first, last = stored[0].offset, stored[-1].offset
+            if first is not None and last is not None and last - first == len(stored) - 1:
+                for sub in self.echo_readers:
+                    assert isinstance(sub, SkipsOwn)
+                    sub.skip_own(first, last)
+        return stored
 
     async def _store(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         targets = self.targets

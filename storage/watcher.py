@@ -94,7 +94,9 @@ class Listener(Protocol):
 class Reader(Protocol):
     """A durable stream reader (the ``honker+durable://`` transport's)."""
 
-    def wake(self) -> None: ...
+    def wake(self, local: bool = False) -> None:
+        """A commit may have added rows; ``local``: only this process's own commits."""
+        ...
 
     def fail(self, error: BaseException) -> None: ...
 
@@ -115,6 +117,7 @@ class Watcher:
         self._fallback: asyncio.TimerHandle | None = None
         self._ticks = 0
         self._stopped = False
+        self._external = True  # a wake not (only) from this process's commits
         self.wakes = 0
         """Wake-ups processed (for tests and stats)."""
         self.errors = 0
@@ -147,6 +150,7 @@ class Watcher:
         self._shared.check_file()  # a stat, ~2 us; may fail every watcher of the file
         self._ticks += 1
         if self._ticks % FALLBACK_TICKS == 0:
+            self._external = True
             self._signal.set()
 
     @property
@@ -205,6 +209,7 @@ class Watcher:
         try:
             while True:
                 await updates.__anext__()
+                self._external = True
                 self._signal.set()
         except asyncio.CancelledError:
             raise
@@ -236,8 +241,9 @@ class Watcher:
             try:
                 if self._router:
                     await self._drain()
+                local, self._external = not self._external, False
                 for reader in list(self._readers):
-                    reader.wake()
+                    reader.wake(local)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the query failed: a disk or file problem

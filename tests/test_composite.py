@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -275,4 +276,29 @@ async def test_a_subscription_starts_while_an_optional_target_is_down_and_joins_
                 continue
         assert remote and remote[0].id == sent.id and remote[0].origin == other_node.origin
         await other_node.close()
+    await composite.close()
+
+
+async def test_own_rows_passed_over_unread_never_hide_rows_committed_beside_them(
+    tmp_path: Path,
+) -> None:
+    # The durable leg's reader passes over the composite's own rows without
+    # reading them (skip_own); rows that another job of the same group commit
+    # wrote next to them (tx.publish on the same store, here at the same time)
+    # must still be read, each once.
+    composite = await alkpubsub.connect(["memory://", f"honker+durable://{tmp_path / 'e.db'}"])
+    store = composite.targets[0].store  # type: ignore[attr-defined]
+
+    async def in_transaction(i: int) -> str:
+        async with store.atransaction() as tx:
+            return str((await tx.publish("a:b", {"tx": i})).id)
+
+    async with composite.subscribe("a:b", buffer=1000) as sub:
+        jobs = [composite.publish("a:b", {"pub": i}) for i in range(200)]
+        jobs += [in_transaction(i) for i in range(200)]
+        done = await asyncio.gather(*jobs)
+        sent = {d if isinstance(d, str) else d.id for d in done}
+        got = await collect(sub, 400)
+        await nothing_more(sub)
+    assert {e.id for e in got} == sent and len(got) == 400
     await composite.close()

@@ -61,6 +61,7 @@ class HonkerDurableSubscription(Subscription):
         self._ready: deque[Event] = deque()  # nacked events due again
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._signal = asyncio.Event()
+        self._own_skipped = False
         self._lease: ConsumerLease | None = None
         self._saved = 0
         self._saving: asyncio.Task[None] | None = None
@@ -122,9 +123,22 @@ class HonkerDurableSubscription(Subscription):
             except Exception as exc:
                 log.warning("%s: could not save position on close: %s", self, exc)
 
-    def wake(self) -> None:
-        """Called by the watcher on every commit."""
+    def wake(self, local: bool = False) -> None:
+        """Called by the watcher on every commit (``local``: only this process's)."""
+        skipped, self._own_skipped = self._own_skipped, False
+        if local and skipped:
+            return  # that commit's rows of ours were passed by skip_own()
         self._signal.set()
+
+    def skip_own(self, first: int, last: int) -> None:
+        """Offsets ``first..last`` hold this subscriber's own events, delivered to
+        it already (a composite's echoes): when nothing unread comes before
+        them, move past them without reading them, and let the local wake of
+        their commit go. Rows another job of the same commit wrote after them
+        are read at the next wake (honker's own, within a few milliseconds)."""
+        if self._pos == first - 1 and not self._ready:
+            self._pos = last
+            self._own_skipped = True
 
     # -- reading -----------------------------------------------------------
 

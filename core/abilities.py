@@ -54,9 +54,13 @@ class BatchForwarding(Protocol):
     says which the target deduplicated or refused (the outbox relay uses it).
     It returns only once the target confirmed every event it did not refuse;
     any other failure raises, and the whole batch may be forwarded again
-    (targets that deduplicate by id drop the copies)."""
+    (targets that deduplicate by id drop the copies). ``decoded=True`` says the
+    events come unchanged from a reader that held them to the publish limits
+    already, so their payloads need not be checked again."""
 
-    async def forward_many(self, events: Sequence[Event]) -> list[Forwarded]: ...
+    async def forward_many(
+        self, events: Sequence[Event], *, decoded: bool = False
+    ) -> list[Forwarded]: ...
 
 
 @dataclass(frozen=True, slots=True)

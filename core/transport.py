@@ -13,11 +13,13 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, Self, runtime_checkable
 
+from pydantic_core import to_json
+
 from .abilities import Forwarded
 from .capabilities import Capabilities, Start
 from .errors import Closed, ConfigError, InvalidTopic, PayloadError
 from .event import Event, encode_payload, new_origin
-from .limits import MAX_PAYLOAD_BYTES, check_key
+from .limits import MAX_PAYLOAD_BYTES, check_key, check_size
 from .limits import check_headers as check_headers
 from .subscription import DEFAULT_BUFFER as DEFAULT_BUFFER
 from .subscription import Subscription as Subscription
@@ -170,27 +172,48 @@ class BaseTransport:
         body = encode_payload(event.payload, topic=event.topic, max_bytes=self.max_payload_bytes)
         return await self.send(event, body)
 
-    async def forward_many(self, events: Sequence[Event]) -> list[Forwarded]:
+    async def forward_many(
+        self, events: Sequence[Event], *, decoded: bool = False
+    ) -> list[Forwarded]:
         """Forward ``events`` unchanged as one batch (:class:`BatchForwarding`):
         an event this transport can never take is returned ``refused`` and the
-        rest still go, in order, through :meth:`forward_batch`."""
+        rest still go, in order, through :meth:`forward_batch`. ``decoded``:
+        every event comes straight from one of this library's readers, which
+        held its payload to the publish limits, and nobody changed it since (the
+        relay): the payload is encoded and sized for this transport, not walked
+        again."""
         self.check_open()
         results: list[Forwarded | None] = []
         batch: list[tuple[Event, bytes]] = []
         limit = self.max_payload_bytes
+        # A target with a log of its own sets its offsets; on any other one, the
+        # source's offset must not travel with the event.
+        strip = not self.capabilities.consumer_offsets
         for event in events:
-            if event.offset is not None:
-                event = event.with_offset(None)  # the source's position is not the target's
+            if strip and event.offset is not None:
+                event = event.with_offset(None)
             try:
                 validate_topic(event.topic)
-                body = encode_payload(event.payload, topic=event.topic, max_bytes=limit)
+                if decoded:
+                    body = _to_json(event.payload, event.topic)
+                    check_size(body, limit, topic=event.topic)
+                else:
+                    body = encode_payload(event.payload, topic=event.topic, max_bytes=limit)
             except (InvalidTopic, PayloadError) as exc:
-                results.append(Forwarded(event, refused=exc))
+                results.append(Forwarded(_unplaced(event), refused=exc))
                 continue
             results.append(None)
             batch.append((event, body))
         done = iter(await self.forward_batch(batch) if batch else [])
-        return [r if r is not None else next(done) for r in results]
+        out: list[Forwarded] = []
+        for event, result in zip(events, results, strict=True):
+            if result is None:
+                result = next(done)
+                if result.event is event and event.offset is not None:
+                    # The target kept the object: the offset is the source's, not its own.
+                    result = Forwarded(_unplaced(event), result.duplicate, result.refused)
+            out.append(result)
+        return out
 
     async def forward_batch(self, batch: list[tuple[Event, bytes]]) -> list[Forwarded]:
         """Transport hook for :meth:`forward_many`: send checked events in order
@@ -309,6 +332,18 @@ class BaseTransport:
 
 
 _CONSUMER = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+
+
+def _to_json(payload: Any, topic: str) -> bytes:
+    try:
+        return to_json(payload)
+    except (ValueError, TypeError) as exc:  # PydanticSerializationError is a ValueError
+        raise PayloadError(f"payload for topic {topic!r} is not JSON ({exc})") from None
+
+
+def _unplaced(event: Event) -> Event:
+    """``event`` without a log position (the source's is not the target's)."""
+    return event if event.offset is None else event.with_offset(None)
 
 
 def _iterate(items: Any) -> Iterable[Any]:

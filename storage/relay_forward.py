@@ -92,7 +92,7 @@ class BatchForwarder:
         """``forward_many``; once stopped, it gets ``drain_timeout`` more seconds,
         then is abandoned (None): its events stay unacked at the source and the
         target drops the copies that a later relay sends again."""
-        task = asyncio.ensure_future(self.target.forward_many(batch))
+        task = asyncio.ensure_future(self.target.forward_many(batch, decoded=True))
         if not self.stopped.done():
             await asyncio.wait((task, self.stopped), return_when=asyncio.FIRST_COMPLETED)
         if not task.done():

@@ -196,8 +196,8 @@ class HonkerDurableSubscription(Subscription):
                     self._pos = offset
                     continue
                 self._pos = offset
-                if not matches(event.topic):
-                    continue
+                if parsed.kind != "ours" and not matches(event.topic):
+                    continue  # (our envelope's topic is the one matched above)
                 place_offset(event, offset)
                 if track:
                     self._order.append(offset)

@@ -62,3 +62,55 @@ __all__ = [
     "PubSubError",
     "PublishError",
 ]
+
+
+class StorageError(PubSubError):
+    """A statement run through a Honker store (``tx.execute``, ``tx.query``)
+    failed. Once it leaves ``store.transaction()`` / ``atransaction()``, the
+    whole transaction is rolled back: no row and no event of it is committed.
+    ``statement`` is the SQL (never its parameters, which may hold secrets);
+    ``sqlite_message`` is what SQLite said."""
+
+    def __init__(self, message: str, *, statement: str = "", sqlite_message: str = "") -> None:
+        super().__init__(message)
+        self.statement = statement
+        self.sqlite_message = sqlite_message
+
+
+class ConstraintViolation(StorageError):
+    """A row broke a constraint: ``kind`` is ``UNIQUE``, ``NOT NULL``,
+    ``CHECK``, ``FOREIGN KEY`` or ``PRIMARY KEY``; ``table`` and ``columns``
+    name where, when SQLite says (a CHECK names its expression instead)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        table: str | None = None,
+        columns: tuple[str, ...] = (),
+        statement: str = "",
+        sqlite_message: str = "",
+    ) -> None:
+        super().__init__(message, statement=statement, sqlite_message=sqlite_message)
+        self.kind = kind
+        self.table = table
+        self.columns = columns
+
+
+class SQLError(StorageError):
+    """The statement itself is wrong: a syntax error, or a table or column that
+    does not exist."""
+
+
+class DatabaseBusy(StorageError, PublishError):
+    """Another writer held the file past the store's ``busy_timeout``: raised by
+    a store transaction and, being a :class:`PublishError` too, by a Honker
+    transport's publish. Nothing of the write was committed."""
+
+    def __init__(self, message: str, *, statement: str = "", sqlite_message: str = "") -> None:
+        PubSubError.__init__(self, message)
+        self.statement = statement
+        self.sqlite_message = sqlite_message
+        self.succeeded: tuple[str, ...] = ()
+        self.events: tuple[Any, ...] = ()

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 
-from alkpubsub.errors import PublishError, PubSubError
+from alkpubsub.errors import DatabaseBusy, PubSubError
 
 from .files import open_existing, open_lock_file
 
@@ -70,7 +70,8 @@ class WriteGate:
             self._shm = open_existing(self.db_path + "-shm")
 
     def acquire(self) -> None:
-        """Wait up to ``timeout`` seconds for the write lock, or raise :class:`PublishError`."""
+        """Wait up to ``timeout`` seconds for the write lock, or raise
+        :class:`DatabaseBusy` (a :class:`PublishError` and a :class:`StorageError`)."""
         me = threading.get_ident()
         if self._holder == me:
             raise PubSubError(
@@ -152,9 +153,9 @@ class WriteGate:
             time.sleep(delay)  # releases the GIL
             delay = min(delay * 2, 0.005)
 
-    def _busy(self, pid: int | None = None) -> PublishError:
+    def _busy(self, pid: int | None = None) -> DatabaseBusy:
         who = f"process {pid} (not alkpubsub)" if pid is not None else "another writer"
-        return PublishError(
+        return DatabaseBusy(
             f"{who} held {self.db_path!r} for more than {self.timeout} s; shorten long "
             "store transactions or raise busy_timeout"
         )

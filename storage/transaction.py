@@ -18,6 +18,8 @@ from alkpubsub.event import Event
 from alkpubsub.limits import MAX_PAYLOAD_BYTES, check_headers, check_key
 from alkpubsub.topics import validate_publish_topic
 
+from .sqlerrors import run_sql
+
 if TYPE_CHECKING:
     from .jobs import Session
 
@@ -109,12 +111,17 @@ class StoreTransaction:
         self.origin = origin
 
     def execute(self, sql: str, params: Params = ()) -> None:
-        """Run one SQL statement."""
-        self.honker.execute(sql, list(params))
+        """Run one SQL statement. SQLite's errors are raised as
+        :class:`~alkpubsub.StorageError` subclasses (``ConstraintViolation``,
+        ``SQLError``, ``DatabaseBusy``)."""
+        args = list(params)
+        run_sql(lambda: self.honker.execute(sql, args), sql)
 
     def query(self, sql: str, params: Params = ()) -> list[dict[str, Any]]:
-        """Run one SQL statement and return its rows as dicts (sees this transaction's writes)."""
-        rows: list[dict[str, Any]] = self.honker.query(sql, list(params))
+        """Run one SQL statement and return its rows as dicts (sees this
+        transaction's writes); errors as in :meth:`execute`."""
+        args = list(params)
+        rows: list[dict[str, Any]] = run_sql(lambda: self.honker.query(sql, args), sql)
         return rows
 
     def publish(

@@ -20,7 +20,7 @@ from brokers import in_ci
 import alkpubsub
 from alkpubsub import Closed, ConfigError, Event, InvalidTopic, PayloadError, PubSubError
 from alkpubsub.conformance import collect
-from alkpubsub.errors import PublishError
+from alkpubsub.errors import PublishError, SQLError
 from alkpubsub.limits import MAX_PAYLOAD_BYTES
 from alkpubsub.storage import Store, Stores, open_store
 from alkpubsub.transports.honker import HonkerTransport
@@ -123,7 +123,7 @@ async def test_sql_error_inside_atransaction_can_be_caught_and_the_rest_commits(
     store: Store,
 ) -> None:
     async with store.atransaction() as tx:
-        with pytest.raises(RuntimeError, match="no such table"):
+        with pytest.raises(SQLError, match="no such table"):
             await tx.execute("INSERT INTO missing (x) VALUES (1)")
         await tx.execute("INSERT INTO nodes (id, key) VALUES (?, ?)", (1, "kept"))
     assert count(store, "SELECT COUNT(*) AS n FROM nodes") == 1
@@ -478,7 +478,7 @@ async def test_a_failing_write_fails_alone(store: Store) -> None:
         store.append("events", [(None, "{}")]),
         return_exceptions=True,
     )
-    assert isinstance(outcome[1], RuntimeError) and "no such table" in str(outcome[1])
+    assert isinstance(outcome[1], SQLError) and "no such table" in str(outcome[1])
     assert isinstance(outcome[0], list) and isinstance(outcome[2], list)
     assert count(store, "SELECT COUNT(*) AS n FROM _honker_stream") == 2
     assert store.writer_stats.failed_jobs == 1

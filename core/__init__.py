@@ -21,6 +21,7 @@ from .errors import (
     PubSubError,
     SQLError,
     StorageError,
+    TransactionOpen,
 )
 from .event import Event
 from .registry import connect, register
@@ -52,6 +53,7 @@ __all__ = [
     "StorageError",
     "Subscription",
     "SubscriptionStats",
+    "TransactionOpen",
     "Transport",
     "TypedSubscription",
     "TypedTopic",

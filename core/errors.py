@@ -114,3 +114,11 @@ class DatabaseBusy(StorageError, PublishError):
         self.sqlite_message = sqlite_message
         self.succeeded: tuple[str, ...] = ()
         self.events: tuple[Any, ...] = ()
+
+
+class TransactionOpen(PubSubError):
+    """A write was asked for on the event loop's thread while an async store
+    transaction on the same file is open on that loop: it would wait for that
+    transaction forever (the transaction waits for the loop). Use the open
+    transaction's ``tx`` (``tx.enqueue``, ``tx.acquire_lock``, ``tx.publish``,
+    ...) or make the call after the block."""

@@ -30,6 +30,7 @@ from alkpubsub.errors import ConfigError, ConnectionLost, PubSubError
 
 from .files import FileIdentity, create_private_database
 from .gate import WriteGate
+from .honker_guard import SessionCount
 from .jobs import Job
 from .jobs import settle_futures as settle
 from .pruning import NotificationPruner
@@ -51,6 +52,8 @@ class SharedDatabase:
         """Set once the file was replaced or deleted underneath (see the module docstring)."""
         create_private_database(path)
         self.gate = WriteGate(path, busy_timeout)
+        self.sessions = SessionCount()
+        """Async transactions open per event loop (see honker_guard)."""
         # honker.open writes (schema bootstrap); wait for other writers here, where
         # the wait releases the GIL, not in SQLite's busy handler, which keeps it.
         try:

@@ -14,7 +14,7 @@ import contextvars
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import honker
 
@@ -32,6 +32,7 @@ from .consumers import (
     row_name,
     start_position,
 )
+from .honker_guard import Guarded
 from .jobs import CALL, NOTIFY, SESSION, STREAM, Job, Session, WriterStats
 from .pruning import DEFAULT_NOTIFY_RETENTION
 from .retention import PruneCounts, prune
@@ -104,9 +105,16 @@ class Store:
 
     @property
     def honker(self) -> honker.Database:
-        """The underlying honker ``Database``."""
+        """The underlying honker ``Database``, for reads (``query``) and for
+        honker's own API outside transactions. Its writes wait for SQLite's
+        lock themselves (not through the store's write gate); inside a store
+        transaction use ``tx.enqueue``/``tx.acquire_lock``/... instead. On the
+        event loop's thread while an async transaction on this file is open, a
+        honker write raises :class:`~alkpubsub.errors.TransactionOpen` (it would
+        otherwise hang the process: see ``honker_guard``)."""
         self._check_open()
-        return self._shared.db
+        shared = self._shared
+        return cast(honker.Database, Guarded(shared.db, shared.sessions, shared.path, "honker"))
 
     @property
     def shared(self) -> SharedDatabase:
@@ -131,6 +139,7 @@ class Store:
         it waits for the writer). In async code prefer :meth:`atransaction`."""
         self._check_open()
         shared = self._shared
+        shared.sessions.check(self.path, "store.transaction()")
         shared.gate.acquire()
         token = _holding.set(shared)
         try:
@@ -156,6 +165,8 @@ class Store:
             session.end(commit=False)  # if it did begin after all, roll it back
             raise
         token = _holding.set(self._shared)
+        sessions = self._shared.sessions
+        sessions.opened(loop)
         try:
             yield AsyncStoreTransaction(session)
         except BaseException:
@@ -165,6 +176,7 @@ class Store:
         else:
             await session.end(commit=True)
         finally:
+            sessions.closed(loop)
             _holding.reset(token)
 
     async def write(self, fn: Callable[[StoreTransaction], T], *, short: bool = False) -> T:

@@ -18,6 +18,19 @@ from alkpubsub.event import Event
 from alkpubsub.limits import MAX_PAYLOAD_BYTES, check_headers, check_key
 from alkpubsub.topics import validate_publish_topic
 
+from .honker_ops import (
+    DEFAULT_MAX_ATTEMPTS,
+    ENQUEUE,
+    LOCK_ACQUIRE,
+    LOCK_RELEASE,
+    LOCK_RENEW,
+    SCHEDULE,
+    UNSCHEDULE,
+    enqueue_args,
+    lock_args,
+    schedule_args,
+)
+from .honker_ops import schedule_name as _schedule_name
 from .sqlerrors import run_sql
 
 if TYPE_CHECKING:
@@ -150,6 +163,81 @@ class StoreTransaction:
         rows = self.honker.query(INSERT_STREAM + " RETURNING offset", [stream, key, text])
         return int(rows[0]["offset"])
 
+    # -- honker's queues, locks and scheduler, in this transaction ------------
+
+    def enqueue(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        delay: float | None = None,
+        run_at: float | None = None,
+        priority: int = 0,
+        expires: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> int:
+        """Add a job to honker queue ``queue`` in this transaction; return its id.
+        A worker (honker's ``db.queue(queue).claim(...)``, any process) can claim
+        it once the transaction commits, never before, and never if it rolls back.
+        ``delay``/``run_at`` (unix seconds) defer it; ``expires`` (seconds) bounds
+        how long it stays claimable."""
+        args = enqueue_args(
+            queue,
+            payload,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            expires=expires,
+            max_attempts=max_attempts,
+        )
+        return int(self.query(ENQUEUE, args)[0]["id"])
+
+    def acquire_lock(self, name: str, *, owner: str, ttl: int = 60) -> bool:
+        """Take honker lock ``name`` for ``owner`` for ``ttl`` seconds, in this
+        transaction (it counts only once committed); False if another owner
+        holds it. The same lock ``db.lock(name)`` uses."""
+        return bool(self.query(LOCK_ACQUIRE, lock_args(name, owner, ttl))[0]["r"])
+
+    def renew_lock(self, name: str, *, owner: str, ttl: int = 60) -> bool:
+        """Extend ``owner``'s hold on ``name``; False if it no longer holds it."""
+        return bool(self.query(LOCK_RENEW, lock_args(name, owner, ttl))[0]["r"])
+
+    def release_lock(self, name: str, *, owner: str) -> None:
+        """Release ``owner``'s hold on lock ``name`` (nothing if it holds none)."""
+        self.query(LOCK_RELEASE, lock_args(name, owner))
+
+    def schedule(
+        self,
+        name: str,
+        *,
+        queue: str,
+        cron: str,
+        payload: Any = None,
+        priority: int = 0,
+        expires: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        """Register (or replace) periodic job ``name``: honker's scheduler
+        enqueues ``payload`` on ``queue`` at every boundary of ``cron`` (a 5- or
+        6-field cron expression, or ``@every 30s``). Needs a honker scheduler
+        running somewhere (``honker.Scheduler(db).run()``)."""
+        self.query(
+            SCHEDULE,
+            schedule_args(
+                name,
+                queue=queue,
+                cron=cron,
+                payload=payload,
+                priority=priority,
+                expires=expires,
+                max_attempts=max_attempts,
+            ),
+        )
+
+    def unschedule(self, name: str) -> bool:
+        """Remove periodic job ``name``; True if it existed."""
+        return bool(self.query(UNSCHEDULE, [_schedule_name(name)])[0]["n"])
+
 
 class AsyncStoreTransaction:
     """``async with store.atransaction() as tx``: the same operations as
@@ -204,3 +292,69 @@ class AsyncStoreTransaction:
         event, text = build_event(topic, payload, origin=self.origin, headers=headers)
         await self.run(lambda tx: tx.honker.execute(INSERT_NOTIFICATION, [topic, text]))
         return event
+
+    async def enqueue(
+        self,
+        queue: str,
+        payload: Any,
+        *,
+        delay: float | None = None,
+        run_at: float | None = None,
+        priority: int = 0,
+        expires: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> int:
+        """Add a job to honker queue ``queue``; see :meth:`StoreTransaction.enqueue`."""
+        args = enqueue_args(
+            queue,
+            payload,
+            delay=delay,
+            run_at=run_at,
+            priority=priority,
+            expires=expires,
+            max_attempts=max_attempts,
+        )
+        return await self.run(lambda tx: int(tx.query(ENQUEUE, args)[0]["id"]))
+
+    async def acquire_lock(self, name: str, *, owner: str, ttl: int = 60) -> bool:
+        """See :meth:`StoreTransaction.acquire_lock`."""
+        args = lock_args(name, owner, ttl)
+        return await self.run(lambda tx: bool(tx.query(LOCK_ACQUIRE, args)[0]["r"]))
+
+    async def renew_lock(self, name: str, *, owner: str, ttl: int = 60) -> bool:
+        """See :meth:`StoreTransaction.renew_lock`."""
+        args = lock_args(name, owner, ttl)
+        return await self.run(lambda tx: bool(tx.query(LOCK_RENEW, args)[0]["r"]))
+
+    async def release_lock(self, name: str, *, owner: str) -> None:
+        """See :meth:`StoreTransaction.release_lock`."""
+        args = lock_args(name, owner)
+        await self.run(lambda tx: tx.query(LOCK_RELEASE, args))
+
+    async def schedule(
+        self,
+        name: str,
+        *,
+        queue: str,
+        cron: str,
+        payload: Any = None,
+        priority: int = 0,
+        expires: float | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        """See :meth:`StoreTransaction.schedule`."""
+        args = schedule_args(
+            name,
+            queue=queue,
+            cron=cron,
+            payload=payload,
+            priority=priority,
+            expires=expires,
+            max_attempts=max_attempts,
+        )
+        await self.run(lambda tx: tx.query(SCHEDULE, args))
+
+    async def unschedule(self, name: str) -> bool:
+        """See :meth:`StoreTransaction.unschedule`."""
+        args = [_schedule_name(name)]
+        return await self.run(lambda tx: bool(tx.query(UNSCHEDULE, args)[0]["n"]))

@@ -81,7 +81,7 @@ async def test_every_subscription_on_a_file_shares_one_watcher(url: str) -> None
     shared = first.store.shared
     # 100 subscriptions on two transports: one watcher (one honker wake-up
     # iterator, one notification query per wake) serves them all.
-    assert first.store.honker is second.store.honker
+    assert first.store.shared.db is second.store.shared.db
     assert len({id(s._watcher) for s in subs if isinstance(s, HonkerSubscription)}) == 1
     assert len(shared._watchers) == 1
     await first.publish("topic:7", "x")

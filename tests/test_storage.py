@@ -155,7 +155,7 @@ def test_open_store_shares_one_database_per_resolved_path(
     first = open_store(tmp_path / "app.db")
     second = open_store("./app.db")
     third = open_store("link.db")
-    assert first.honker is second.honker is third.honker
+    assert first.shared.db is second.shared.db is third.shared.db
     assert first.path == str(tmp_path / "app.db")
     first.close()
     first.close()  # idempotent: releases one reference, once
@@ -167,7 +167,7 @@ def test_open_store_shares_one_database_per_resolved_path(
         tx.publish("still:open", 2)
     third.close()
     again = open_store(tmp_path / "app.db")
-    assert again.honker is not second.shared.db
+    assert again.shared.db is not second.shared.db
     assert len(stream_events(again)) == 2
     again.close()
 

@@ -39,3 +39,13 @@ def test_single_node_demo_loses_nothing_across_a_sigkill() -> None:
     assert "killed the consumer with SIGKILL" in out
     assert "caught up: 30 of 30 orders processed, 0 lost" in out
     assert "database: 30 order rows; order 999 present: False" in out
+
+
+def test_outbox_queue_commits_row_event_and_job_together() -> None:
+    out = run_example("outbox_queue.py").splitlines()
+    assert out == [
+        "refused: UNIQUE on orders(ref)",
+        "receipts sent by the worker: o-1, o-2, o-3",
+        "analytics saw: o-1, o-2, o-3",
+        "database: 3 orders, 3 events, 0 jobs left",
+    ]

@@ -46,7 +46,7 @@ from .rows import (
 )
 from .shared import SharedDatabase
 from .store import DEFAULT_BUSY_TIMEOUT, Store, open_store
-from .stores import Stores, check_org_id
+from .stores import SYSTEM, Stores, check_org_id, tenant_file
 from .transaction import (
     DEFAULT_STREAM,
     AsyncStoreTransaction,
@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_NOTIFY_RETENTION",
     "DEFAULT_STREAM",
     "FOREIGN_MODES",
+    "SYSTEM",
     "AsyncStoreTransaction",
     "ConsumerLease",
     "ForeignMode",
@@ -84,4 +85,5 @@ __all__ = [
     "open_store",
     "parse_row",
     "prune",
+    "tenant_file",
 ]

@@ -6,6 +6,7 @@ import os
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 from alkpubsub.errors import ConfigError
 
@@ -23,6 +24,18 @@ def check_org_id(org_id: str) -> str:
             "[A-Za-z0-9_.-], starting with a letter or digit, without '..'"
         )
     return org_id
+
+
+SYSTEM = "system"
+"""The ``tenant`` value naming the deployment-wide ``system.db``."""
+
+
+def tenant_file(root: str | os.PathLike[str], tenant: str) -> str:
+    """The file of ``tenant`` (an org id, or ``system``) under ``root``; the
+    directory is created if missing."""
+    name = "system.db" if tenant == SYSTEM else f"tenant-{check_org_id(tenant)}.db"
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return str(Path(root) / name)
 
 
 class Stores:
@@ -53,6 +66,16 @@ class Stores:
     def tenant(self, org_id: str) -> Store:
         """The database of one tenant, ``<root>/tenant-<org_id>.db``."""
         return self._get(f"tenant-{check_org_id(org_id)}.db")
+
+    def url(self, org_id: str = SYSTEM, *, durable: bool = True, **options: str) -> str:
+        """The transport URL of a tenant's database (``system``: the deployment's),
+        for ``alkpubsub.connect``: ``honker+durable://<root>?tenant=<org_id>``
+        (``honker://`` with ``durable=False``), plus ``options``."""
+        if org_id != SYSTEM:
+            check_org_id(org_id)
+        scheme = "honker+durable" if durable else "honker"
+        query = urlencode({"tenant": org_id, **options})
+        return f"{scheme}://{quote(str(self.root.resolve()))}?{query}"
 
     def _get(self, name: str) -> Store:
         with self._lock:

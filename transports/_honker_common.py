@@ -9,6 +9,14 @@ URL -> file
     Any other host part (``honker://events.db``) is refused: it would silently be a
     host name, not a file. ``:memory:`` is refused (honker's readers could not see it).
     The same rules hold for ``honker+durable://``.
+
+Tenants
+    With the ``tenant`` option the path names a deployment's root directory and
+    the file is the tenant's, as :class:`alkpubsub.storage.Stores` lays it out:
+    ``honker+durable:///data?tenant=acme`` is ``/data/tenant-acme.db``, and
+    ``tenant=system`` the deployment-wide ``/data/system.db``. A tenant id that
+    is not a safe file-name segment is refused (``Stores``' rule). The option
+    can also come from ``Settings.options`` (``ALKPUBSUB_OPTIONS='{"tenant": "acme"}'``).
 """
 
 from __future__ import annotations
@@ -25,8 +33,16 @@ from alkpubsub.event import Event
 from alkpubsub.storage import DEFAULT_NOTIFY_RETENTION, Store, open_store
 
 
-def database_path(url: ParsedUrl) -> str:
+def database_path(url: ParsedUrl, tenant: str | None = None) -> str:
     """The database file a ``honker://`` or ``honker+durable://`` URL names (see above)."""
+    if tenant is not None:
+        from alkpubsub.storage import tenant_file
+
+        return tenant_file(_plain_path(url), tenant)
+    return _plain_path(url)
+
+
+def _plain_path(url: ParsedUrl) -> str:
     host = url.host or ""
     path = url.path
     example = f"{url.scheme}:///./events.db (relative) or {url.scheme}:///var/lib/app/events.db"

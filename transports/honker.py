@@ -46,6 +46,9 @@ Transport Options
     format     alkpubsub   what publishes write: ``alkpubsub`` or ``cloudevents``
                            (structured); readers take both. ``cloudevents-binary`` is
                            refused: rows have no headers
+    tenant         (none)  the path is a deployment root and the file this tenant's:
+                           ``tenant-<id>.db`` (``system``: ``system.db``), as ``Stores``
+                           lays them out; an unsafe id is refused
     (``Settings.origin`` sets the origin stamped on published events.)
 """
 
@@ -168,6 +171,7 @@ class _Options(TransportOptions):
     notify_retention: float = Field(DEFAULT_NOTIFY_RETENTION, ge=0)
     foreign: str = "adopt"
     format: str = "alkpubsub"
+    tenant: str | None = None
 
     @field_validator("foreign")
     @classmethod
@@ -185,7 +189,7 @@ def from_url(url: str, settings: Settings | None = None) -> HonkerTransport:
     parsed = parse_url(url)
     options = parse_options(_Options, parsed, settings)
     return HonkerTransport(
-        database_path(parsed),
+        database_path(parsed, options.tenant),
         origin=settings.origin if settings else None,
         notify_retention=options.notify_retention,
         foreign=_check_foreign(options.foreign),

@@ -73,6 +73,9 @@ Transport Options
     format          alkpubsub  what publishes write: ``alkpubsub`` (the envelope) or
                              ``cloudevents`` (structured CloudEvents JSON); readers take
                              both. ``cloudevents-binary`` is refused (rows have no headers)
+    tenant          (none)   the path is a deployment root and the file is this tenant's:
+                             ``tenant-<id>.db`` (``system``: ``system.db``), as ``Stores`` lays
+                             them out; an id that is not a safe file-name segment is refused
 """
 
 from __future__ import annotations
@@ -227,6 +230,7 @@ class _Options(TransportOptions):
     foreign: str = "adopt"
     foreign_topic: str | None = None
     format: str = "alkpubsub"
+    tenant: str | None = None
 
     @field_validator("stream")
     @classmethod
@@ -253,7 +257,7 @@ def from_url(url: str, settings: Settings | None = None) -> HonkerDurableTranspo
         extra["max_deliveries"] = settings.max_deliveries
     options = parse_options(_Options, parsed, settings, **extra)
     return HonkerDurableTransport(
-        database_path(parsed),
+        database_path(parsed, options.tenant),
         stream=options.stream,
         max_deliveries=options.max_deliveries,
         consumer_ttl=options.consumer_ttl,

@@ -27,6 +27,7 @@ class DurableLog(Protocol):
 
     stream: str
     read_batch: int
+    ack_mode: str
     consumer_ttl: int
     foreign: str
     foreign_topic: str
@@ -65,6 +66,7 @@ class HonkerDurableSubscription(Subscription):
         self._lease: ConsumerLease | None = None
         self._saved = 0
         self._saving: asyncio.Task[None] | None = None
+        self._save_error: Exception | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._watcher: Watcher | None = None
         self._store: Store | None = None
@@ -238,10 +240,30 @@ class HonkerDurableSubscription(Subscription):
     # -- acknowledgement ---------------------------------------------------
 
     async def ack(self, event: Event) -> None:
-        """Mark ``event`` processed; the position is saved shortly after."""
+        """Mark ``event`` processed; the position is saved shortly after. With
+        ``ack=saved`` this returns only once the saved position covers every
+        event acked so far that it can: all of them when acks come in order; an
+        event acked ahead of an earlier unacked one is covered once that one is."""
         await super().ack(event)
         if event.offset is not None:
             self._done(event.offset)
+            if self.log.ack_mode == "saved" and self._lease is not None:
+                await self._saved_through(self.position)
+
+    async def _saved_through(self, target: int) -> None:
+        """Wait until the saved position reaches ``target`` (one save serves every
+        ack waiting for it; saves go through the writer's group commit)."""
+        while self._saved < target and self._lease is not None:
+            saving = self._saving
+            if saving is None:
+                saving = self._saving = asyncio.get_running_loop().create_task(self._save())
+            before = self._saved
+            await asyncio.shield(saving)
+            if self._saved == before and self._save_error is not None:
+                raise ConnectionLost(
+                    f"{self!r}: the ack could not be saved ({self._save_error}); the event "
+                    "will be delivered again"
+                )
 
     async def nack(self, event: Event, *, delay: float = 0, reason: str | None = None) -> None:
         """Deliver ``event`` again after ``delay`` seconds, or dead-letter it (with
@@ -295,11 +317,13 @@ class HonkerDurableSubscription(Subscription):
             self._saving = asyncio.get_running_loop().create_task(self._save())
 
     async def _save(self) -> None:
+        self._save_error = None
         try:
             while self._lease is not None and (target := self.position) > self._saved:
                 await self._lease.save(target)
                 self._saved = target
         except Exception as exc:
+            self._save_error = exc
             log.warning("%s: could not save position (retried on the next ack): %s", self, exc)
         finally:
             self._saving = None

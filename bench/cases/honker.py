@@ -94,9 +94,9 @@ def _raw_events(db: Any, *, durable: bool) -> AsyncIterator[Any]:
 def cases(env: Env) -> list[Case]:
     """The Honker rows."""
 
-    def url(durable: bool = False) -> Callable[[], str]:
+    def url(durable: bool = False, query: str = "") -> Callable[[], str]:
         scheme = "honker+durable" if durable else "honker"
-        return lambda: f"{scheme}://{env.path('ours')}"
+        return lambda: f"{scheme}://{env.path('ours')}{query}"
 
     async def raw_transfer(n: int, *, durable: bool, batch: int | None = None) -> Throughput:
         with _raw_db(env.path("raw")) as db:
@@ -268,6 +268,28 @@ def cases(env: Env) -> list[Case]:
             50_000,
             1_000,
             durable=True,
+        ),
+        case(
+            "durable publish->receive, ack=saved",
+            "as the row above, but each ack returns only once the consumer's position is "
+            "committed (?ack=saved: no acked event is delivered again after a crash)",
+            lambda n: ours.publish_receive(url(True, "?ack=saved"), n, consumer="bench"),
+            lambda n: raw_transfer(n, durable=True),
+            20_000,
+            500,
+            durable=True,
+        ),
+        case(
+            "durable ack=saved vs ack=batched",
+            "the same publish->receive with acks awaited until saved, next to the default "
+            "mode (ours both sides): what saved acks cost",
+            lambda n: ours.publish_receive(url(True, "?ack=saved"), n, consumer="bench"),
+            lambda n: ours.publish_receive(url(True), n, consumer="bench"),
+            20_000,
+            500,
+            durable=True,
+            baseline="ack=batched",
+            raw_needs=_NEEDS_DURABLE,
         ),
         case(
             "durable 1-in-flight latency",

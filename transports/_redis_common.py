@@ -27,6 +27,15 @@ from alkpubsub.errors import ConfigError, ConnectionLost
 #: the built-in ConnectionError and TimeoutError, so asyncio timeouts too).
 CONNECTION_ERRORS = (rex.ConnectionError, rex.TimeoutError, OSError)
 
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 # Publishes ride over a short blip (a restart, a failover) before giving up.
 PUBLISH_RETRIES = 2
 PUBLISH_BACKOFF = ExponentialWithJitterBackoff(base=0.05, cap=0.5)
@@ -134,8 +143,15 @@ def redis_target(parsed: ParsedUrl, settings: Settings | None) -> RedisTarget:
     )
 
 
-def translate(exc: BaseException, target: RedisTarget, doing: str) -> Exception:
-    """The alkpubsub error for a redis-py error raised while ``doing``."""
+def translate(exc: BaseException, target: RedisTarget, doing: str) -> BaseException:
+    """The alkpubsub error for a redis-py error raised while ``doing``; or, when
+    the calling task is being cancelled, the cancellation itself: redis-py can
+    turn a cancellation that lands mid-command into a connection or timeout
+    error, and a caller that retries on ConnectionLost would then never stop
+    (seen once in CI: a cancelled publisher kept publishing for 10 s)."""
+    task = asyncio.current_task() if _has_loop() else None
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
     if isinstance(exc, rex.AuthenticationError | rex.NoPermissionError):
         return ConfigError(
             f"{target.label} refused the credentials while {doing} ({exc}); "

@@ -21,7 +21,7 @@ from typing import Any
 
 from alkpubsub.errors import TransactionOpen
 
-UNGUARDED = frozenset({"query", "update_events", "name", "db", "max_attempts"})
+UNGUARDED = frozenset({"query", "update_events", "name", "max_attempts"})
 """Attributes that never wait for the writer connection (or are plain values)."""
 WRAPPED_RESULTS = frozenset({"queue", "stream", "lock", "outbox", "transaction"})
 """Methods whose results hold the database and are guarded in turn."""
@@ -74,6 +74,8 @@ class Guarded:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
+        if name == "db":  # a queue's or stream's database: guarded like the store's
+            return Guarded(value, self._sessions, self._path, "honker")
         if name in UNGUARDED or name.startswith("_") or not callable(value):
             return value
         return self._guard(name, value)

@@ -18,6 +18,7 @@ from typing import Any
 
 from alkpubsub.errors import ConfigError, PayloadError
 from alkpubsub.event import encode_payload
+from alkpubsub.limits import MAX_PAYLOAD_BYTES
 
 DEFAULT_MAX_ATTEMPTS = 3
 """Attempts of a job before honker moves it to ``_honker_dead`` (honker's default)."""
@@ -38,25 +39,31 @@ def _name(kind: str, value: object) -> str:
     return value
 
 
-def _seconds(what: str, value: float | None) -> int | None:
+MAX_SECONDS = 100 * 366 * 86_400
+"""Longest delay, expiry or unix time accepted (a century: ``now + value`` stays
+far inside SQLite's 64-bit integers)."""
+MAX_INT32 = 2**31 - 1
+
+
+def _seconds(what: str, value: float | None, high: float = MAX_SECONDS) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"{what}={value!r} must be a number of seconds")
-    if value < 0:
-        raise ConfigError(f"{what}={value!r} must be >= 0 seconds")
+    if not 0 <= value <= high:
+        raise ConfigError(f"{what}={value!r} must be 0..{high:g} seconds")
     return int(value)
 
 
-def _count(what: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{what}={value!r} must be an int >= {low}")
+def _count(what: str, value: int, low: int, high: int = MAX_INT32) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{what}={value!r} must be an int in {low}..{high}")
     return value
 
 
 def _json(payload: Any, what: str) -> str:
     try:
-        return encode_payload(payload, topic=what).decode()
+        return encode_payload(payload, topic=what, max_bytes=MAX_PAYLOAD_BYTES).decode()
     except PayloadError as exc:
         raise PayloadError(f"{what}: {exc}") from None
 
@@ -75,7 +82,7 @@ def enqueue_args(
     return [
         _name("queue", queue),
         _json(payload, f"job for queue {queue!r}"),
-        _seconds("run_at", run_at),
+        _seconds("run_at", run_at, 2 * MAX_SECONDS),
         _seconds("delay", delay),
         _count("priority", priority, -(2**31)),
         _count("max_attempts", max_attempts, 1),
@@ -92,7 +99,7 @@ def lock_args(name: str, owner: str, ttl: int | None = None) -> list[Any]:
     """Checked arguments of the ``honker_lock_*`` functions."""
     args: list[Any] = [_name("lock", name), _name("lock owner", owner)]
     if ttl is not None:
-        args.append(_count("ttl", ttl, 1))
+        args.append(_count("ttl", ttl, 1, MAX_SECONDS))
     return args
 
 

@@ -28,7 +28,7 @@ _SQL_MISTAKES = (
     "unrecognized token",
     'near "',
 )
-_BUSY = ("database is locked", "database table is locked", "busy")
+_BUSY = ("database is locked", "database table is locked", "database is busy")
 _SHOWN = 200
 """Characters of a statement quoted in a message."""
 
@@ -63,17 +63,17 @@ def translate(message: str, sql: str) -> StorageError:
             sqlite_message=message,
         )
     lowered = message.lower()
-    if any(word in lowered for word in _BUSY):
-        return DatabaseBusy(
-            f"{message} while running {shown!r}: another connection held the file's write "
-            f"lock past the write timeout; {rollback}. Retry, or find the long transaction",
-            statement=sql,
-            sqlite_message=message,
-        )
     if any(word in lowered for word in _SQL_MISTAKES):
         return SQLError(
             f"SQL error in {shown!r}: {message}; {rollback}. Fix the statement (or run the "
             "migration that creates the table or column)",
+            statement=sql,
+            sqlite_message=message,
+        )
+    if lowered.startswith(_BUSY):
+        return DatabaseBusy(
+            f"{message} while running {shown!r}: another connection held the file's write "
+            f"lock past the write timeout; {rollback}. Retry, or find the long transaction",
             statement=sql,
             sqlite_message=message,
         )
@@ -90,7 +90,8 @@ def _where(kind: str, where: str) -> tuple[str | None, tuple[str, ...]]:
     if kind == "CHECK" or not where:
         return None, ()
     parts = [p.strip() for p in where.split(",")]
-    tables = {p.partition(".")[0] for p in parts if "." in p}
+    # "table.column": a table name may hold dots itself, a column name seldom does.
+    tables = {p.rpartition(".")[0] for p in parts if "." in p}
     if len(tables) != 1:
         return None, ()
-    return tables.pop(), tuple(p.partition(".")[2] for p in parts)
+    return tables.pop(), tuple(p.rpartition(".")[2] for p in parts)

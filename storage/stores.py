@@ -34,8 +34,17 @@ def tenant_file(root: str | os.PathLike[str], tenant: str) -> str:
     """The file of ``tenant`` (an org id, or ``system``) under ``root``; the
     directory is created if missing."""
     name = "system.db" if tenant == SYSTEM else f"tenant-{check_org_id(tenant)}.db"
-    Path(root).mkdir(parents=True, exist_ok=True)
+    _make_root(Path(root))
     return str(Path(root) / name)
+
+
+def _make_root(root: Path) -> None:
+    if root.exists() and not root.is_dir():
+        raise ConfigError(
+            f"{str(root)!r} is a file: with tenants the path is the deployment's directory "
+            "(tenant-<id>.db and system.db are made in it), not a database file"
+        )
+    root.mkdir(parents=True, exist_ok=True)
 
 
 class Stores:
@@ -52,7 +61,7 @@ class Stores:
         notify_retention: float = DEFAULT_NOTIFY_RETENTION,
     ) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        _make_root(self.root)
         self._origin = origin
         self._busy_timeout = busy_timeout
         self._notify_retention = notify_retention

@@ -38,7 +38,14 @@ def database_path(url: ParsedUrl, tenant: str | None = None) -> str:
     if tenant is not None:
         from alkpubsub.storage import tenant_file
 
-        return tenant_file(_plain_path(url), tenant)
+        root = url.path.rstrip("/") or "/"
+        if url.host in (".", ".."):
+            root = url.host + root
+        elif url.host:
+            _plain_path(url)  # refuses a host part, naming the fix
+        elif root.startswith(("/./", "/../")):
+            root = root[1:]
+        return tenant_file(root, tenant)
     return _plain_path(url)
 
 

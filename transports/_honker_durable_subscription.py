@@ -67,6 +67,7 @@ class HonkerDurableSubscription(Subscription):
         self._saved = 0
         self._saving: asyncio.Task[None] | None = None
         self._save_error: Exception | None = None
+        self._released = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._watcher: Watcher | None = None
         self._store: Store | None = None
@@ -124,6 +125,8 @@ class HonkerDurableSubscription(Subscription):
                 self._saved = max(self._saved, self.position)
             except Exception as exc:
                 log.warning("%s: could not save position on close: %s", self, exc)
+            finally:
+                self._released.set()
 
     def wake(self, local: bool = False) -> None:
         """Called by the watcher on every commit (``local``: only this process's)."""
@@ -263,6 +266,14 @@ class HonkerDurableSubscription(Subscription):
                 raise ConnectionLost(
                     f"{self!r}: the ack could not be saved ({self._save_error}); the event "
                     "will be delivered again"
+                )
+        if self._saved < target:
+            # Closing took the lease: its release saves the position; wait for it.
+            await self._released.wait()
+            if self._saved < target:
+                raise ConnectionLost(
+                    f"{self!r} closed before the ack could be saved; the event will be "
+                    "delivered again"
                 )
 
     async def nack(self, event: Event, *, delay: float = 0, reason: str | None = None) -> None:

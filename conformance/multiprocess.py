@@ -32,9 +32,16 @@ class ProcessCases(SuiteFixtures):
     async def test_two_processes_publishing_at_once_each_event_once(
         self, transport: Transport, caps: Capabilities, other_process: OtherProcess | None
     ) -> None:
-        if other_process is None:
+        if other_process is None and not caps.cross_process:
             pytest.skip(f"{NOT_APPLICABLE}no other process can reach this transport")
         require(caps, "cross_process")
+        if other_process is None:
+            # Declares cross_process but gives no way to prove it: a gap, not a
+            # platform limit (fails under CI=true, as any other skip does).
+            pytest.skip(
+                "the transport declares cross_process but its test module gives no "
+                "other_process fixture: return OtherProcess(url) from one"
+            )
         topic = f"{unique('p')}:x"
         subs = [transport.subscribe(topic, buffer=4 * COUNT)]
         if caps.wildcards:

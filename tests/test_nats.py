@@ -15,7 +15,7 @@ from pathlib import Path
 import nats
 import pytest
 from brokers import HOST, NatsServer, free_port, require_binary
-from nats_garbage import envelope, send_raw, until_malformed, write_garbage
+from nats_garbage import envelope, send_raw, settle_publisher, until_malformed, write_garbage
 
 import alkpubsub
 from alkpubsub import ConfigError, ConnectionLost, PublishError, Settings
@@ -141,6 +141,7 @@ async def test_malformed_message_is_counted_and_the_subscription_goes_on(
     raw = await nats.connect(nats_server_session.url)
     try:
         async with transport.subscribe("jobs:*") as sub:
+            await settle_publisher(raw)
             await raw.publish(f"{prefix}.jobs.x", b"\xffnot an envelope, not UTF-8")
             await raw.flush()
             sent = await transport.publish("jobs:y", "good")
@@ -169,6 +170,7 @@ async def test_garbage_on_the_wire_is_counted_and_delivery_goes_on(
             await asyncio.to_thread(
                 send_raw, server.port, [b"PUB %s.jobs.\xff 2\r\nhi\r\n" % prefix.encode()]
             )
+            await settle_publisher(raw)
             await raw.publish(f"{prefix}.jobs.y", json.dumps(envelope("jobs:z")).encode())
             await raw.flush()
             sent = [(await transport.publish("jobs:x", i)).id for i in range(3)]

@@ -10,8 +10,8 @@ visible to subscribers exactly when the transaction commits.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from alkpubsub.errors import ConfigError
 from alkpubsub.event import Event
@@ -33,10 +33,18 @@ from .honker_ops import (
 from .honker_ops import schedule_name as _schedule_name
 from .sqlerrors import run_sql
 
-if TYPE_CHECKING:
-    from .jobs import Session
-
 T = TypeVar("T")
+
+
+class TransactionRunner(Protocol):
+    """What runs an async transaction's work: the writer's session, or an
+    async SQLAlchemy connection's thread (``storage.sqla_dialect``)."""
+
+    @property
+    def origin(self) -> str: ...
+
+    def run(self, fn: Callable[[StoreTransaction], Any]) -> Awaitable[Any]: ...
+
 
 DEFAULT_STREAM = "events"
 INSERT_STREAM = "INSERT INTO _honker_stream (topic, key, payload) VALUES (?, ?, ?)"
@@ -252,7 +260,7 @@ class AsyncStoreTransaction:
 
     __slots__ = ("_session", "origin")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: TransactionRunner) -> None:
         self._session = session
         self.origin = session.origin
 

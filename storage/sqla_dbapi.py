@@ -1,0 +1,546 @@
+"""A PEP 249 (DB-API 2.0) driver over a Honker store, for SQLAlchemy.
+
+SQLAlchemy needs a DB-API module; Python's ``sqlite3`` must not open a file
+honker has open in the same process (two SQLite libraries break each other's
+locks), so this driver reaches the file only through the store:
+
+- a statement that only reads (``SELECT``, ``VALUES``, ``EXPLAIN``, a reading
+  ``PRAGMA``) outside a write transaction runs on honker's reader pool, and
+  sees what was committed when it ran;
+- any other statement (DML, DDL, ``SAVEPOINT``, ``WITH ...``) opens the
+  connection's write transaction, ``store.transaction()``: the store's write
+  gate, then honker's ``BEGIN IMMEDIATE`` on its writer connection. Every later
+  statement, reads included, runs in it until ``commit()`` or ``rollback()``;
+  ``tx.publish``/``tx.notify``/``tx.enqueue`` through :meth:`Connection.begin_write`
+  commit with it. ``begin="immediate"`` opens it at the first statement of any
+  kind (a read-modify-write then reads under the write lock).
+
+honker returns rows as dicts keyed by column name, and nothing for a statement
+without rows, so the driver recovers what a DB-API cursor reports: column names
+from the first row, or from the caller's hint (the dialect passes the compiled
+statement's result columns), or, for a ``SELECT`` without rows, from a one-row
+probe (``SELECT q.* FROM (SELECT 1) LEFT JOIN (<statement>) q``);
+``rowcount``/``lastrowid`` from SQLite's ``changes()``/``last_insert_rowid()``.
+Two result columns with the same name cannot be told apart: label them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import honker
+
+from alkpubsub.errors import (
+    Closed,
+    ConfigError,
+    ConnectionLost,
+    ConstraintViolation,
+    DatabaseBusy,
+    PubSubError,
+    SQLError,
+    StorageError,
+    TransactionOpen,
+)
+
+from .sqlerrors import run_sql
+from .store import Store, open_store
+from .transaction import StoreTransaction
+
+apilevel = "2.0"
+threadsafety = 1  # threads may share the module, not connections
+paramstyle = "qmark"
+
+Binary = bytes
+
+
+# -- the DB-API exception hierarchy ------------------------------------------
+
+
+class Warning(Exception):  # noqa: A001 - the name PEP 249 requires
+    """PEP 249 ``Warning`` (never raised)."""
+
+
+class Error(Exception):
+    """Base of this driver's errors. ``__cause__`` is alkpubsub's own error
+    (e.g. :class:`~alkpubsub.ConstraintViolation` with ``table``/``columns``)."""
+
+
+class InterfaceError(Error):
+    """The driver was misused (a closed connection or cursor)."""
+
+
+class DatabaseError(Error):
+    """The database refused the statement."""
+
+
+class DataError(DatabaseError):
+    """A value could not be bound."""
+
+
+class OperationalError(DatabaseError):
+    """A syntax error, an unknown table or column, a busy file, a lost store."""
+
+
+class IntegrityError(DatabaseError):
+    """A constraint failed (UNIQUE, NOT NULL, CHECK, PRIMARY KEY, FOREIGN KEY)."""
+
+
+class InternalError(DatabaseError):
+    """The store is in a state it cannot go on from."""
+
+
+class ProgrammingError(DatabaseError):
+    """The call itself is wrong (bad parameters, transaction control in SQL)."""
+
+
+class NotSupportedError(DatabaseError):
+    """Something SQLite could do but this driver cannot report (see the module docstring)."""
+
+
+_KINDS: tuple[tuple[type[BaseException], type[Error]], ...] = (
+    (ConstraintViolation, IntegrityError),
+    (DatabaseBusy, OperationalError),
+    (SQLError, OperationalError),
+    (TransactionOpen, OperationalError),
+    (Closed, InterfaceError),
+    (ConnectionLost, OperationalError),
+    (ConfigError, ProgrammingError),
+    (StorageError, DatabaseError),
+    (PubSubError, DatabaseError),
+)
+
+
+def dbapi_error(exc: BaseException) -> Error:
+    """The DB-API error for alkpubsub's ``exc`` (or honker's bare errors)."""
+    for kind, error in _KINDS:
+        if isinstance(exc, kind):
+            return error(str(exc))
+    if isinstance(exc, TypeError | OverflowError | ValueError):
+        return DataError(f"a parameter could not be bound: {exc}")
+    return DatabaseError(str(exc))
+
+
+# -- the SQLite version honker bundles ------------------------------------------
+
+_version_lock = threading.Lock()
+_version: tuple[int, ...] | None = None
+
+
+def _bundled_sqlite_version() -> tuple[int, ...]:
+    """Ask honker's own SQLite (not Python's) once, on a scratch file."""
+    global _version
+    with _version_lock:
+        if _version is None:
+            with tempfile.TemporaryDirectory(prefix="alkpubsub-version-") as folder:
+                db = honker.open(os.path.join(folder, "v.db"))
+                try:
+                    text = db.query("SELECT sqlite_version() AS v")[0]["v"]
+                finally:
+                    db.close()
+            _version = tuple(int(part) for part in str(text).split("."))
+        return _version
+
+
+def __getattr__(name: str) -> Any:
+    # sqlite_version_info is read when SQLAlchemy loads the dialect; computing
+    # it on import would open a file for everyone who imports the module.
+    if name == "sqlite_version_info":
+        return _bundled_sqlite_version()
+    if name == "sqlite_version":
+        return ".".join(map(str, _bundled_sqlite_version()))
+    raise AttributeError(name)
+
+
+# -- statements ----------------------------------------------------------------
+
+_COMMENTS = re.compile(r"\s*(?:--[^\n]*(?:\n|$)|/\*.*?\*/)", re.S)
+_FIRST_WORD = re.compile(r"\s*([A-Za-z]+)")
+_READING_PRAGMAS = frozenset(
+    {
+        "table_info",
+        "table_xinfo",
+        "table_list",
+        "index_list",
+        "index_info",
+        "index_xinfo",
+        "foreign_key_list",
+        "database_list",
+        "collation_list",
+        "compile_options",
+        "function_list",
+        "read_uncommitted",
+        "data_version",
+        "user_version",
+        "schema_version",
+        "page_count",
+        "page_size",
+        "freelist_count",
+        "encoding",
+        "journal_mode",
+        "foreign_keys",
+    }
+)
+_PRAGMA = re.compile(r"\s*PRAGMA\s+(?:\w+\s*\.\s*)?(\w+)\s*(=)?", re.I)
+_TRANSACTION_CONTROL = frozenset({"BEGIN", "COMMIT", "END", "ROLLBACK"})
+_TO_SAVEPOINT = re.compile(r"\s*ROLLBACK\s+(?:TRANSACTION\s+)?TO\b", re.I)
+_ROWS_FIRST = frozenset({"SELECT", "VALUES", "WITH"})
+_DML = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+
+READ, WRITE = "read", "write"
+
+
+def first_word(sql: str) -> str:
+    """The statement's first keyword, upper-cased, after leading comments."""
+    rest = sql
+    while True:
+        found = _COMMENTS.match(rest)
+        if found is None:
+            break
+        rest = rest[found.end() :]
+    word = _FIRST_WORD.match(rest)
+    return word.group(1).upper() if word else ""
+
+
+def kind_of(sql: str, word: str) -> str:
+    """READ if the statement surely only reads, else WRITE (``WITH`` may hold DML)."""
+    if word in ("SELECT", "VALUES", "EXPLAIN"):
+        return READ
+    if word == "PRAGMA":
+        found = _PRAGMA.match(_strip_comments(sql))
+        if found and found.group(2) is None and "(" not in sql:
+            return READ if found.group(1).lower() in _READING_PRAGMAS else WRITE
+        if found and found.group(2) is None:
+            name = found.group(1).lower()
+            return READ if name in _READING_PRAGMAS and name not in _SETTABLE else WRITE
+    return WRITE
+
+
+_SETTABLE = frozenset(
+    {"journal_mode", "foreign_keys", "user_version", "schema_version", "page_size"}
+)
+
+
+def _strip_comments(sql: str) -> str:
+    rest = sql
+    while True:
+        found = _COMMENTS.match(rest)
+        if found is None:
+            return rest
+        rest = rest[found.end() :]
+
+
+def _params(parameters: Any) -> list[Any]:
+    if parameters is None:
+        return []
+    if isinstance(parameters, dict):
+        raise ProgrammingError(
+            "this driver's paramstyle is 'qmark': pass parameters as a sequence for '?' "
+            "placeholders, not a dict"
+        )
+    if isinstance(parameters, str | bytes) or not isinstance(parameters, Sequence):
+        raise ProgrammingError(
+            f"parameters must be a sequence (tuple or list), not {type(parameters).__name__}"
+        )
+    return [bytes(p) if isinstance(p, memoryview | bytearray) else p for p in parameters]
+
+
+class _Rollback(Exception):
+    """Thrown into the store transaction to roll it back."""
+
+
+Description = tuple[tuple[str, None, None, None, None, None, None], ...]
+
+
+# -- connection and cursor -------------------------------------------------------
+
+
+class Connection:
+    """One DB-API connection: a handle on the store, and at most one open write
+    transaction of it (see the module docstring)."""
+
+    def __init__(self, store: Store, *, begin: str = "deferred", owns_store: bool = True) -> None:
+        if begin not in ("deferred", "immediate"):
+            raise ConfigError(f"begin={begin!r}: use 'deferred' or 'immediate'")
+        self.store = store
+        self.begin = begin
+        self.autocommit = False
+        self._owns_store = owns_store
+        self._transaction: Any = None
+        self._tx: StoreTransaction | None = None
+        self._closed = False
+
+    # -- transaction -----------------------------------------------------------
+
+    @property
+    def in_write_transaction(self) -> bool:
+        """True while this connection holds the store's write transaction."""
+        return self._tx is not None
+
+    def begin_write(self) -> StoreTransaction:
+        """The open write transaction, opened now if there is none: rows,
+        ``tx.publish``/``tx.notify`` events and ``tx.enqueue`` jobs made through
+        it commit or roll back with this connection."""
+        self._check_open()
+        if self._tx is None:
+            transaction = self.store.transaction()
+            try:
+                self._tx = transaction.__enter__()
+            except BaseException as exc:
+                raise dbapi_error(exc) from exc
+            self._transaction = transaction
+        return self._tx
+
+    def commit(self) -> None:
+        """Commit the write transaction (rows and events together); nothing if none."""
+        self._check_open()
+        transaction, self._transaction, self._tx = self._transaction, None, None
+        if transaction is not None:
+            try:
+                transaction.__exit__(None, None, None)
+            except BaseException as exc:
+                raise dbapi_error(exc) from exc
+
+    def rollback(self) -> None:
+        """Roll the write transaction back: none of its rows or events exist."""
+        if self._closed:
+            return
+        transaction, self._transaction, self._tx = self._transaction, None, None
+        if transaction is not None:
+            error = _Rollback()
+            try:
+                transaction.__exit__(_Rollback, error, None)
+            except _Rollback:
+                pass
+            except BaseException as exc:
+                raise dbapi_error(exc) from exc
+
+    def close(self) -> None:
+        """Roll back what is open and release the store handle. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.rollback()
+        finally:
+            self._closed = True
+            if self._owns_store:
+                self.store.close()
+
+    def cursor(self) -> Cursor:
+        self._check_open()
+        return Cursor(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InterfaceError("this connection is closed")
+
+    # -- running statements ----------------------------------------------------
+
+    def run(
+        self, sql: str, parameters: Any, hint: Sequence[str] | None
+    ) -> tuple[Description | None, list[tuple[Any, ...]], int, int | None]:
+        """Run one statement: (description, rows, rowcount, lastrowid)."""
+        self._check_open()
+        args = _params(parameters)
+        word = first_word(sql)
+        if word in _TRANSACTION_CONTROL and not _TO_SAVEPOINT.match(_strip_comments(sql)):
+            raise ProgrammingError(
+                f"{word} in SQL: end transactions with the connection's commit()/rollback() "
+                "(SQLAlchemy: session.commit(), connection.commit()); SAVEPOINT is fine"
+            )
+        kind = kind_of(sql, word)
+        if self._tx is None and kind == READ and self.begin == "deferred":
+            db = self.store.shared.db
+            rows = self._call(lambda: db.query(sql, args), sql)
+            return self._result(sql, args, rows, hint, db.query, word), _tuples(rows), -1, None
+        if self.autocommit and self._tx is None:
+            try:
+                result = self._in_tx(sql, args, hint, word, kind)
+            except BaseException:
+                self.rollback()
+                raise
+            self.commit()
+            return result
+        return self._in_tx(sql, args, hint, word, kind)
+
+    def _in_tx(
+        self, sql: str, args: list[Any], hint: Sequence[str] | None, word: str, kind: str
+    ) -> tuple[Description | None, list[tuple[Any, ...]], int, int | None]:
+        tx = self.begin_write()
+        query = tx.honker.query
+        rows = self._call(lambda: query(sql, args), sql)
+        if kind == READ or word == "WITH":
+            description = self._result(sql, args, rows, hint, query, word)
+        else:
+            description = _describe(rows, hint)
+        if word not in _DML:
+            return description, _tuples(rows), -1, None
+        info = query("SELECT changes() AS n, last_insert_rowid() AS r", [])[0]
+        lastrowid = int(info["r"]) if word in ("INSERT", "REPLACE") else None
+        return description, _tuples(rows), int(info["n"]), lastrowid
+
+    def _result(
+        self,
+        sql: str,
+        args: list[Any],
+        rows: list[dict[str, Any]],
+        hint: Sequence[str] | None,
+        query: Any,
+        word: str,
+    ) -> Description | None:
+        description = _describe(rows, hint)
+        if description is None and word in _ROWS_FIRST:
+            probe = f"SELECT q.* FROM (SELECT 1) LEFT JOIN ({sql}) AS q ON 1 LIMIT 1"
+            try:
+                shape = query(probe, args)
+            except RuntimeError:
+                return None  # not wrappable (e.g. a compound with ORDER BY): no columns known
+            description = _describe(shape, None)
+        return description
+
+    @staticmethod
+    def _call(fn: Any, sql: str) -> list[dict[str, Any]]:
+        try:
+            rows: list[dict[str, Any]] = run_sql(fn, sql)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+                raise
+            raise dbapi_error(exc) from exc
+        return rows
+
+
+def _describe(rows: list[dict[str, Any]], hint: Sequence[str] | None) -> Description | None:
+    if rows:
+        names: Sequence[str] = list(rows[0])
+        if hint is not None and len(hint) > len(names):
+            raise NotSupportedError(
+                f"the statement returns {len(hint)} columns but only {len(names)} distinct "
+                "names: give each result column its own label (honker returns rows by name)"
+            )
+    elif hint:
+        names = hint
+    else:
+        return None
+    return tuple((name, None, None, None, None, None, None) for name in names)
+
+
+def _tuples(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [tuple(row.values()) for row in rows]
+
+
+class Cursor:
+    """A DB-API cursor; results are read whole (honker returns them whole)."""
+
+    arraysize = 1
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.description: Description | None = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+        self.columns_hint: Sequence[str] | None = None
+        self._rows: deque[tuple[Any, ...]] = deque()
+        self._closed = False
+
+    def execute(self, operation: str, parameters: Any = None) -> Cursor:
+        self._check_open()
+        hint, self.columns_hint = self.columns_hint, None
+        self.description, rows, self.rowcount, lastrowid = self.connection.run(
+            operation, parameters, hint
+        )
+        if lastrowid is not None:
+            self.lastrowid = lastrowid
+        self._rows = deque(rows)
+        return self
+
+    def executemany(self, operation: str, seq_of_parameters: Any) -> Cursor:
+        self._check_open()
+        total = 0
+        connection = self.connection
+        word = first_word(operation)
+        if kind_of(operation, word) == READ:
+            raise ProgrammingError("executemany() is for statements that write")
+        for parameters in seq_of_parameters:
+            _, _, count, lastrowid = connection.run(operation, parameters, None)
+            total += max(count, 0)
+            if lastrowid is not None:
+                self.lastrowid = lastrowid
+        self.description, self.rowcount, self._rows = None, total, deque()
+        return self
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        self._check_open()
+        return self._rows.popleft() if self._rows else None
+
+    def fetchmany(self, size: int | None = None) -> list[tuple[Any, ...]]:
+        self._check_open()
+        count = self.arraysize if size is None else size
+        rows = self._rows
+        return [rows.popleft() for _ in range(min(count, len(rows)))]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        self._check_open()
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        while self._rows:
+            yield self._rows.popleft()
+
+    def close(self) -> None:
+        self._closed = True
+        self._rows.clear()
+
+    def setinputsizes(self, sizes: Any) -> None:
+        pass
+
+    def setoutputsize(self, size: Any, column: Any = None) -> None:
+        pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InterfaceError("this cursor is closed")
+        self.connection._check_open()
+
+
+def connect(
+    database: str | os.PathLike[str] | Store,
+    *,
+    begin: str = "deferred",
+    busy_timeout: float | None = None,
+    origin: str | None = None,
+) -> Connection:
+    """A connection on the Honker file ``database`` (opened with
+    :func:`~alkpubsub.storage.open_store`, shared per process), or on an open
+    :class:`~alkpubsub.storage.Store` (which the connection does not close)."""
+    if isinstance(database, Store):
+        return Connection(database, begin=begin, owns_store=False)
+    if not database or str(database) == ":memory:":
+        raise ProgrammingError(
+            "honker needs a database file (its readers would not see a :memory: database); "
+            "name a file"
+        )
+    kwargs: dict[str, Any] = {"origin": origin}
+    if busy_timeout is not None:
+        kwargs["busy_timeout"] = float(busy_timeout)
+    try:
+        store = open_store(database, **kwargs)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        raise dbapi_error(exc) from exc
+    try:
+        return Connection(store, begin=begin)
+    except BaseException:
+        store.close()
+        raise

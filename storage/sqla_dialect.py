@@ -1,0 +1,255 @@
+"""SQLAlchemy dialects for a Honker store: ``sqlite+honker://`` (sync) and
+``sqlite+honker_async://`` (``create_async_engine``/``AsyncSession``).
+
+They are SQLAlchemy's own SQLite dialect (SQL compiler, types, reflection,
+Alembic's SQLite support: the name stays ``sqlite``) over the driver in
+:mod:`alkpubsub.storage.sqla_dbapi`, never over Python's ``sqlite3``.
+
+The async dialect runs each connection's statements on a thread of its own (one
+per pooled connection), so the event loop never waits on SQLite and a write
+transaction stays on the thread that opened it, as honker requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+from sqlalchemy import pool
+from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+from sqlalchemy.engine import AdaptedConnection
+
+from . import sqla_dbapi
+from .transaction import StoreTransaction
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.util.concurrency import await_ as _await
+except ImportError:  # SQLAlchemy 2.0
+    from sqlalchemy.util.concurrency import await_only as _await  # type: ignore[attr-defined,no-redef]
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import ConnectArgsType, DBAPIConnection, IsolationLevel
+    from sqlalchemy.engine.url import URL
+
+T = TypeVar("T")
+
+_LEVELS = ("SERIALIZABLE", "AUTOCOMMIT")
+_URL_OPTIONS = {"begin": str, "busy_timeout": float, "origin": str}
+
+
+def _result_names(context: Any) -> list[str] | None:
+    """The compiled statement's result column names, when it has any."""
+    compiled = getattr(context, "compiled", None)
+    columns = getattr(compiled, "_result_columns", None) if compiled is not None else None
+    if not columns or getattr(context, "isddl", False):
+        return None
+    return [str(entry[0]) for entry in columns]
+
+
+class HonkerDialect(SQLiteDialect):
+    """SQLAlchemy's SQLite dialect over a Honker store (``sqlite+honker:///app.db``)."""
+
+    driver = "honker"
+    supports_statement_cache = True
+    supports_native_decimal = False
+
+    @classmethod
+    def import_dbapi(cls) -> ModuleType:
+        return sqla_dbapi
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
+        return pool.QueuePool
+
+    def create_connect_args(self, url: URL) -> ConnectArgsType:
+        unknown = set(url.query) - set(_URL_OPTIONS)
+        if unknown:
+            raise sqla_dbapi.ProgrammingError(
+                f"unknown option(s) {sorted(unknown)} in the URL; known: {sorted(_URL_OPTIONS)}"
+            )
+        options: dict[str, Any] = {}
+        for name, convert in _URL_OPTIONS.items():
+            if name in url.query:
+                value = url.query[name]
+                options[name] = convert(value if isinstance(value, str) else value[-1])
+        return [url.database or ""], options
+
+    def _get_server_version_info(self, connection: Any) -> tuple[int, ...]:
+        text = connection.exec_driver_sql("SELECT sqlite_version()").scalar()
+        return tuple(int(part) for part in str(text).split("."))
+
+    def get_isolation_level_values(self, dbapi_connection: DBAPIConnection) -> list[IsolationLevel]:
+        return list(cast("tuple[IsolationLevel, ...]", _LEVELS))
+
+    def set_isolation_level(self, dbapi_connection: DBAPIConnection, level: IsolationLevel) -> None:
+        if level not in _LEVELS:
+            raise sqla_dbapi.ProgrammingError(
+                f"isolation level {level!r}: this dialect has {list(_LEVELS)} (every write "
+                "transaction is SERIALIZABLE: SQLite has one writer)"
+            )
+        _driver(dbapi_connection).autocommit = level == "AUTOCOMMIT"
+
+    def get_isolation_level(self, dbapi_connection: DBAPIConnection) -> IsolationLevel:
+        return "AUTOCOMMIT" if _driver(dbapi_connection).autocommit else "SERIALIZABLE"
+
+    def get_default_isolation_level(self, dbapi_conn: DBAPIConnection) -> IsolationLevel:
+        return "SERIALIZABLE"
+
+    def on_connect(self) -> None:
+        return None  # nothing per connection: the store's connections are honker's
+
+    def do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
+        cursor.columns_hint = _result_names(context)
+        cursor.execute(statement, parameters)
+
+    def do_execute_no_params(self, cursor: Any, statement: str, context: Any = None) -> None:
+        cursor.columns_hint = _result_names(context)
+        cursor.execute(statement)
+
+    def is_disconnect(self, e: Exception, connection: Any, cursor: Any) -> bool:
+        return isinstance(e, sqla_dbapi.InterfaceError) and "closed" in str(e)
+
+    def do_terminate(self, dbapi_connection: DBAPIConnection) -> None:
+        dbapi_connection.close()
+
+
+def _driver(dbapi_connection: Any) -> sqla_dbapi.Connection:
+    if isinstance(dbapi_connection, AsyncAdaptedConnection):
+        return dbapi_connection.sync
+    return cast(sqla_dbapi.Connection, dbapi_connection)
+
+
+# -- async -------------------------------------------------------------------------
+
+
+class AsyncAdaptedCursor:
+    """The DB-API cursor SQLAlchemy's async engine drives: each statement runs
+    on its connection's thread; rows are then read from memory."""
+
+    def __init__(self, connection: AsyncAdaptedConnection) -> None:
+        self._connection = connection
+        self._cursor = connection.sync.cursor()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("_connection", "_cursor"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._cursor, name, value)
+
+    def execute(self, operation: str, parameters: Any = None) -> Any:
+        return self._connection.call(lambda: self._cursor.execute(operation, parameters))
+
+    def executemany(self, operation: str, seq_of_parameters: Any) -> Any:
+        rows = list(seq_of_parameters)
+        return self._connection.call(lambda: self._cursor.executemany(operation, rows))
+
+    def __iter__(self) -> Any:
+        return iter(self._cursor)
+
+
+class AsyncAdaptedConnection(AdaptedConnection):
+    """An async engine's DB-API connection: the sync driver connection, driven
+    on one thread of its own."""
+
+    __slots__ = ("dbapi", "sync", "_executor")
+
+    def __init__(self, dbapi: Any, sync: sqla_dbapi.Connection) -> None:
+        self.dbapi = dbapi
+        self.sync = sync
+        self._connection = self
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="alkpubsub-sqla"
+        )
+
+    @property
+    def origin(self) -> str:
+        return self.sync.store.origin
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on this connection's thread, awaited from SQLAlchemy's greenlet."""
+        loop = asyncio.get_running_loop()
+        return cast(T, _await(loop.run_in_executor(self._executor, fn)))
+
+    async def run(self, fn: Callable[[StoreTransaction], T]) -> T:
+        """``fn(tx)`` on this connection's thread, in its write transaction
+        (opened if needed): what ``AsyncStoreTransaction`` awaits."""
+        loop = asyncio.get_running_loop()
+        sync = self.sync
+        return await loop.run_in_executor(self._executor, lambda: fn(sync.begin_write()))
+
+    def cursor(self, server_side: bool = False) -> AsyncAdaptedCursor:
+        return AsyncAdaptedCursor(self)
+
+    def commit(self) -> None:
+        self.call(self.sync.commit)
+
+    def rollback(self) -> None:
+        self.call(self.sync.rollback)
+
+    def close(self) -> None:
+        try:
+            self.call(self.sync.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    def terminate(self) -> None:
+        # Outside a greenlet (garbage collection, a dead loop): close on the thread.
+        self._executor.submit(self.sync.close)
+        self._executor.shutdown(wait=False)
+
+
+class AsyncDBAPI:
+    """The module-like DB-API object the async dialect hands SQLAlchemy."""
+
+    paramstyle = sqla_dbapi.paramstyle
+    apilevel = sqla_dbapi.apilevel
+    threadsafety = sqla_dbapi.threadsafety
+    Binary = sqla_dbapi.Binary
+    Warning = sqla_dbapi.Warning
+    Error = sqla_dbapi.Error
+    InterfaceError = sqla_dbapi.InterfaceError
+    DatabaseError = sqla_dbapi.DatabaseError
+    DataError = sqla_dbapi.DataError
+    OperationalError = sqla_dbapi.OperationalError
+    IntegrityError = sqla_dbapi.IntegrityError
+    InternalError = sqla_dbapi.InternalError
+    ProgrammingError = sqla_dbapi.ProgrammingError
+    NotSupportedError = sqla_dbapi.NotSupportedError
+
+    @property
+    def sqlite_version_info(self) -> tuple[int, ...]:
+        return cast("tuple[int, ...]", sqla_dbapi.sqlite_version_info)
+
+    def connect(self, *args: Any, **kwargs: Any) -> AsyncAdaptedConnection:
+        loop = asyncio.get_running_loop()
+        sync = _await(loop.run_in_executor(None, lambda: sqla_dbapi.connect(*args, **kwargs)))
+        return AsyncAdaptedConnection(self, sync)
+
+
+class HonkerAsyncDialect(HonkerDialect):
+    """The async form (``sqlite+honker_async:///app.db``, ``create_async_engine``)."""
+
+    driver = "honker_async"
+    is_async = True
+    supports_statement_cache = True
+    has_terminate = True
+
+    @classmethod
+    def import_dbapi(cls) -> ModuleType:
+        return cast(ModuleType, AsyncDBAPI())
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
+        return pool.AsyncAdaptedQueuePool
+
+    def get_driver_connection(self, connection: Any) -> Any:
+        return connection
+
+    def do_terminate(self, dbapi_connection: DBAPIConnection) -> None:
+        cast(AsyncAdaptedConnection, dbapi_connection).terminate()

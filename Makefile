@@ -30,9 +30,11 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/python scripts/typecheck.py
 
-# The whole suite: lint, unit tests, conformance for every transport, examples.
+# The whole suite: lint, unit tests, conformance for every transport, examples,
+# and SQLAlchemy's own dialect compliance suite against the Honker dialect.
 test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python compliance/sqlalchemy/run.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow" $(PYTEST_ARGS)

@@ -62,7 +62,7 @@ Binary = bytes
 # -- the DB-API exception hierarchy ------------------------------------------
 
 
-class Warning(Exception):  # noqa: A001 - the name PEP 249 requires
+class Warning(Exception):
     """PEP 249 ``Warning`` (never raised)."""
 
 
@@ -186,7 +186,10 @@ _READING_PRAGMAS = frozenset(
         "foreign_keys",
     }
 )
-_PRAGMA = re.compile(r"\s*PRAGMA\s+(?:\w+\s*\.\s*)?(\w+)\s*(=)?", re.I)
+_SETTABLE = frozenset(
+    {"journal_mode", "foreign_keys", "user_version", "schema_version", "page_size"}
+)
+"""Reading pragmas whose argument form sets them: ``PRAGMA journal_mode(WAL)``."""
 _TRANSACTION_CONTROL = frozenset({"BEGIN", "COMMIT", "END", "ROLLBACK"})
 _TO_SAVEPOINT = re.compile(r"\s*ROLLBACK\s+(?:TRANSACTION\s+)?TO\b", re.I)
 _ROWS_FIRST = frozenset({"SELECT", "VALUES", "WITH"})
@@ -211,19 +214,53 @@ def kind_of(sql: str, word: str) -> str:
     """READ if the statement surely only reads, else WRITE (``WITH`` may hold DML)."""
     if word in ("SELECT", "VALUES", "EXPLAIN"):
         return READ
-    if word == "PRAGMA":
-        found = _PRAGMA.match(_strip_comments(sql))
-        if found and found.group(2) is None and "(" not in sql:
-            return READ if found.group(1).lower() in _READING_PRAGMAS else WRITE
-        if found and found.group(2) is None:
-            name = found.group(1).lower()
-            return READ if name in _READING_PRAGMAS and name not in _SETTABLE else WRITE
+    if word == "PRAGMA" and pragma_as_select(sql) is not None:
+        return READ
     return WRITE
 
 
-_SETTABLE = frozenset(
-    {"journal_mode", "foreign_keys", "user_version", "schema_version", "page_size"}
+_IDENT = r'"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\]|[\w$]+'
+_PRAGMA_READ = re.compile(
+    rf"\s*PRAGMA\s+(?:(?P<schema>{_IDENT})\s*\.\s*)?(?P<name>\w+)\s*"
+    rf"(?:\(\s*(?P<arg>'(?:[^']|'')*'|{_IDENT})\s*\))?\s*;?\s*$",
+    re.I,
 )
+
+
+def _unquote(token: str) -> str:
+    if token[:1] == "'" and token[-1:] == "'":
+        return token[1:-1].replace("''", "'")
+    if token[:1] in ('"', "`") and token[-1:] == token[:1]:
+        quote = token[:1]
+        return token[1:-1].replace(quote * 2, quote)
+    if token[:1] == "[" and token[-1:] == "]":
+        return token[1:-1]
+    return token
+
+
+def pragma_as_select(sql: str) -> tuple[str, list[Any]] | None:
+    """A reading PRAGMA as ``SELECT * FROM pragma_<name>(...)``, or None if the
+    PRAGMA is not one that only reads.
+
+    honker caches prepared statements, and a PRAGMA such as
+    ``foreign_key_list`` computes its rows when prepared: on a reader that had
+    not seen a table's CREATE yet it returns nothing, then and on every later
+    call (seen here: 0 rows five times after the commit). The table-valued form
+    is evaluated when it runs, after SQLite checked the schema."""
+    found = _PRAGMA_READ.match(_strip_comments(sql))
+    if found is None:
+        return None
+    name = found.group("name").lower()
+    arg, schema = found.group("arg"), found.group("schema")
+    if name not in _READING_PRAGMAS or (arg is not None and name in _SETTABLE):
+        return None
+    args = [] if arg is None else [_unquote(arg)]
+    if schema is not None:
+        if arg is None:
+            return None  # pragma_<flag>() takes no schema argument
+        args.append(_unquote(schema))
+    holes = ", ".join("?" * len(args))
+    return f"SELECT * FROM pragma_{name}({holes})", args
 
 
 def _strip_comments(sql: str) -> str:
@@ -358,6 +395,11 @@ class Connection:
                 "(SQLAlchemy: session.commit(), connection.commit()); SAVEPOINT is fine"
             )
         kind = kind_of(sql, word)
+        if word == "PRAGMA" and kind == READ:
+            rewritten = pragma_as_select(sql)
+            assert rewritten is not None
+            sql, args = rewritten
+            word = "SELECT"
         if self._tx is None and kind == READ and self.begin == "deferred":
             db = self.store.shared.db
             rows = self._call(lambda: db.query(sql, args), sql)

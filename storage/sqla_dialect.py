@@ -20,15 +20,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import pool
 from sqlalchemy.dialects.sqlite.base import SQLiteDialect
-from sqlalchemy.engine import AdaptedConnection
+from sqlalchemy.engine import AdaptedConnection, reflection
+from sqlalchemy.util import await_only as _await  # 2.0 and 2.1 (there also await_)
 
 from . import sqla_dbapi
 from .transaction import StoreTransaction
-
-try:  # SQLAlchemy 2.1
-    from sqlalchemy.util.concurrency import await_ as _await
-except ImportError:  # SQLAlchemy 2.0
-    from sqlalchemy.util.concurrency import await_only as _await  # type: ignore[attr-defined,no-redef]
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import ConnectArgsType, DBAPIConnection, IsolationLevel
@@ -109,11 +105,46 @@ class HonkerDialect(SQLiteDialect):
         cursor.columns_hint = _result_names(context)
         cursor.execute(statement)
 
+    # honker's own tables (queues, streams, locks, ...) are the store's, not the
+    # application's: reflection (and so Alembic's autogenerate) does not list
+    # them, as SQLite's dialect hides sqlite_*; sqlite_include_internal=True does.
+
+    @reflection.cache
+    def get_table_names(
+        self,
+        connection: Any,
+        schema: str | None = None,
+        sqlite_include_internal: bool = False,
+        **kw: Any,
+    ) -> list[str]:
+        names = super().get_table_names(  # type: ignore[no-untyped-call]
+            connection, schema, sqlite_include_internal=sqlite_include_internal, **kw
+        )
+        return names if sqlite_include_internal else [n for n in names if not is_internal(n)]
+
+    @reflection.cache
+    def get_view_names(
+        self,
+        connection: Any,
+        schema: str | None = None,
+        sqlite_include_internal: bool = False,
+        **kw: Any,
+    ) -> list[str]:
+        names = super().get_view_names(  # type: ignore[no-untyped-call]
+            connection, schema, sqlite_include_internal=sqlite_include_internal, **kw
+        )
+        return names if sqlite_include_internal else [n for n in names if not is_internal(n)]
+
     def is_disconnect(self, e: Exception, connection: Any, cursor: Any) -> bool:
         return isinstance(e, sqla_dbapi.InterfaceError) and "closed" in str(e)
 
     def do_terminate(self, dbapi_connection: DBAPIConnection) -> None:
         dbapi_connection.close()
+
+
+def is_internal(name: str) -> bool:
+    """True for a table honker created for its own use (``_honker_*``)."""
+    return name.startswith("_honker_")
 
 
 def _driver(dbapi_connection: Any) -> sqla_dbapi.Connection:
@@ -157,12 +188,12 @@ class AsyncAdaptedConnection(AdaptedConnection):
     """An async engine's DB-API connection: the sync driver connection, driven
     on one thread of its own."""
 
-    __slots__ = ("dbapi", "sync", "_executor")
+    __slots__ = ("_executor", "dbapi", "sync")
 
     def __init__(self, dbapi: Any, sync: sqla_dbapi.Connection) -> None:
         self.dbapi = dbapi
         self.sync = sync
-        self._connection = self
+        self._connection = self  # type: ignore[assignment]  # what driver_connection returns
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="alkpubsub-sqla"
         )
@@ -174,7 +205,7 @@ class AsyncAdaptedConnection(AdaptedConnection):
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` on this connection's thread, awaited from SQLAlchemy's greenlet."""
         loop = asyncio.get_running_loop()
-        return cast(T, _await(loop.run_in_executor(self._executor, fn)))
+        return _await(loop.run_in_executor(self._executor, fn))
 
     async def run(self, fn: Callable[[StoreTransaction], T]) -> T:
         """``fn(tx)`` on this connection's thread, in its write transaction

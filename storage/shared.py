@@ -53,6 +53,9 @@ class SharedDatabase:
         create_private_database(path)
         self.gate = WriteGate(path, busy_timeout)
         self.sessions = SessionCount()
+        self.sqla_writers: dict[int, int] = {}
+        """Threads that opened a SQLAlchemy write transaction still open (ident ->
+        count): a publish through the writer from one of them would wait for it."""
         """Async transactions open per event loop (see honker_guard)."""
         # honker.open writes (schema bootstrap); wait for other writers here, where
         # the wait releases the GIL, not in SQLite's busy handler, which keeps it.

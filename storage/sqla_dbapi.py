@@ -26,13 +26,14 @@ Two result columns with the same name cannot be told apart: label them.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import honker
 
@@ -48,9 +49,12 @@ from alkpubsub.errors import (
     TransactionOpen,
 )
 
+from .sqla_home import WriteSession
 from .sqlerrors import run_sql
 from .store import Store, open_store
 from .transaction import StoreTransaction
+
+T = TypeVar("T")
 
 apilevel = "2.0"
 threadsafety = 1  # threads may share the module, not connections
@@ -114,6 +118,10 @@ _KINDS: tuple[tuple[type[BaseException], type[Error]], ...] = (
     (StorageError, DatabaseError),
     (PubSubError, DatabaseError),
 )
+
+
+_PASS_THROUGH = (Error, KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
+"""Raised as they are: this driver's own errors, interrupts, cancellations."""
 
 
 def dbapi_error(exc: BaseException) -> Error:
@@ -194,6 +202,12 @@ _TRANSACTION_CONTROL = frozenset({"BEGIN", "COMMIT", "END", "ROLLBACK"})
 _TO_SAVEPOINT = re.compile(r"\s*ROLLBACK\s+(?:TRANSACTION\s+)?TO\b", re.I)
 _ROWS_FIRST = frozenset({"SELECT", "VALUES", "WITH"})
 _DML = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+_HONKER_CALL = re.compile(r"\bhonker_\w*\s*\(", re.I)
+_TRAILING = re.compile(r"[\s;]+$")
+"""Semicolons and blanks after a statement (left out of the probe, which also
+puts a newline before its closing parenthesis for a trailing line comment)."""
+_CHANGES = "SELECT changes() AS n, last_insert_rowid() AS r"
+_TOTAL_CHANGES = "SELECT total_changes() AS n"
 
 READ, WRITE = "read", "write"
 
@@ -213,7 +227,9 @@ def first_word(sql: str) -> str:
 def kind_of(sql: str, word: str) -> str:
     """READ if the statement surely only reads, else WRITE (``WITH`` may hold DML)."""
     if word in ("SELECT", "VALUES", "EXPLAIN"):
-        return READ
+        # honker's SQL functions (honker_enqueue, honker_lock_acquire, ...) write,
+        # and exist only on the writer connection.
+        return WRITE if _HONKER_CALL.search(sql) else READ
     if word == "PRAGMA" and pragma_as_select(sql) is not None:
         return READ
     return WRITE
@@ -263,6 +279,69 @@ def pragma_as_select(sql: str) -> tuple[str, list[Any]] | None:
     return f"SELECT * FROM pragma_{name}({holes})", args
 
 
+def _top_level(sql: str) -> list[tuple[int, str]]:
+    """The statement's characters outside quotes, comments and parentheses, as
+    (position, character) pairs."""
+    out: list[tuple[int, str]] = []
+    depth, i, n = 0, 0, len(sql)
+    closers = {"'": "'", '"': '"', "`": "`", "[": "]"}
+    while i < n:
+        c = sql[i]
+        if c in closers:
+            end = sql.find(closers[c], i + 1)
+            while c != "[" and end != -1 and sql[end + 1 : end + 2] == c:
+                end = sql.find(c, end + 2)  # a doubled quote inside the quotes
+            i = n if end == -1 else end + 1
+            continue
+        if sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end == -1 else end + 1
+            continue
+        if sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            i = n if end == -1 else end + 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0:
+            out.append((i, c))
+        i += 1
+    return out
+
+
+_COMMENT_ANYWHERE = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+_AS_ALIAS = re.compile(r"(?is).*\bAS\s+(\"(?:[^\"]|\"\")*\"|`[^`]*`|\[[^\]]*\]|\w+)\s*$")
+_QUALIFIED = re.compile(r"^(?:[\w$]+\s*\.\s*)*(\"(?:[^\"]|\"\")*\"|[\w$]+)$")
+
+
+def returning_names(sql: str) -> list[str] | None:
+    """The names of a DML statement's ``RETURNING`` columns, read from its text
+    (for a RETURNING that matched no row, where honker gives no names); None if
+    there is no RETURNING or it holds ``*``."""
+    chars = _top_level(sql)
+    flat = "".join(c for _, c in chars)
+    found = list(re.finditer(r"\bRETURNING\b", flat, re.I))
+    if not found:
+        return None
+    start = chars[found[-1].end() - 1][0] + 1
+    clause = _TRAILING.sub("", sql[start:])
+    positions = [p for p, c in _top_level(clause) if c == ","]
+    items, last = [], 0
+    for p in [*positions, len(clause)]:
+        items.append(_COMMENT_ANYWHERE.sub("", clause[last:p]).strip())
+        last = p + 1
+    names = []
+    for item in items:
+        alias = _AS_ALIAS.match(item)
+        plain = _QUALIFIED.match(item)
+        if item == "*" or item.endswith(".*"):
+            return None
+        names.append(_unquote(alias.group(1) if alias else plain.group(1) if plain else item))
+    return names
+
+
 def _strip_comments(sql: str) -> str:
     rest = sql
     while True:
@@ -284,11 +363,30 @@ def _params(parameters: Any) -> list[Any]:
         raise ProgrammingError(
             f"parameters must be a sequence (tuple or list), not {type(parameters).__name__}"
         )
-    return [bytes(p) if isinstance(p, memoryview | bytearray) else p for p in parameters]
+    return [_value(p, i) for i, p in enumerate(parameters)]
 
 
-class _Rollback(Exception):
-    """Thrown into the store transaction to roll it back."""
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _value(value: Any, index: int) -> Any:
+    """A parameter as honker binds it exactly, or DataError (honker would turn an
+    int beyond 64 bits into a float, and a Decimal into a float, silently)."""
+    if value is None or isinstance(value, str | float | bytes):
+        return value
+    if isinstance(value, int):
+        if not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+            raise DataError(
+                f"parameter {index + 1}: {value} does not fit SQLite's 64-bit INTEGER; store it "
+                "as text (or use SQLAlchemy's Numeric/String types)"
+            )
+        return value
+    if isinstance(value, memoryview | bytearray):
+        return bytes(value)
+    raise DataError(
+        f"parameter {index + 1}: a {type(value).__name__} cannot be bound: pass None, int, "
+        "float, str or bytes (SQLAlchemy's column types convert dates, decimals and JSON)"
+    )
 
 
 Description = tuple[tuple[str, None, None, None, None, None, None], ...]
@@ -307,9 +405,8 @@ class Connection:
         self.store = store
         self.begin = begin
         self.autocommit = False
+        self.session = WriteSession(store)
         self._owns_store = owns_store
-        self._transaction: Any = None
-        self._tx: StoreTransaction | None = None
         self._closed = False
 
     # -- transaction -----------------------------------------------------------
@@ -317,52 +414,47 @@ class Connection:
     @property
     def in_write_transaction(self) -> bool:
         """True while this connection holds the store's write transaction."""
-        return self._tx is not None
+        return self.session.tx is not None
 
     def begin_write(self) -> StoreTransaction:
         """The open write transaction, opened now if there is none: rows,
         ``tx.publish``/``tx.notify`` events and ``tx.enqueue`` jobs made through
-        it commit or roll back with this connection."""
+        it commit or roll back with this connection (from any thread)."""
         self._check_open()
-        if self._tx is None:
-            transaction = self.store.transaction()
-            try:
-                self._tx = transaction.__enter__()
-            except BaseException as exc:
-                raise dbapi_error(exc) from exc
-            self._transaction = transaction
-        return self._tx
+        try:
+            return self.session.begin()
+        except _PASS_THROUGH:
+            raise
+        except BaseException as exc:
+            raise dbapi_error(exc) from exc
 
     def commit(self) -> None:
         """Commit the write transaction (rows and events together); nothing if none."""
         self._check_open()
-        transaction, self._transaction, self._tx = self._transaction, None, None
-        if transaction is not None:
-            try:
-                transaction.__exit__(None, None, None)
-            except BaseException as exc:
-                raise dbapi_error(exc) from exc
+        try:
+            self.session.end(commit=True)
+        except _PASS_THROUGH:
+            raise
+        except BaseException as exc:
+            raise dbapi_error(exc) from exc
 
     def rollback(self) -> None:
         """Roll the write transaction back: none of its rows or events exist."""
         if self._closed:
             return
-        transaction, self._transaction, self._tx = self._transaction, None, None
-        if transaction is not None:
-            error = _Rollback()
-            try:
-                transaction.__exit__(_Rollback, error, None)
-            except _Rollback:
-                pass
-            except BaseException as exc:
-                raise dbapi_error(exc) from exc
+        try:
+            self.session.end(commit=False)
+        except _PASS_THROUGH:
+            raise
+        except BaseException as exc:
+            raise dbapi_error(exc) from exc
 
     def close(self) -> None:
         """Roll back what is open and release the store handle. Idempotent."""
         if self._closed:
             return
         try:
-            self.rollback()
+            self.session.close()
         finally:
             self._closed = True
             if self._owns_store:
@@ -400,11 +492,11 @@ class Connection:
             assert rewritten is not None
             sql, args = rewritten
             word = "SELECT"
-        if self._tx is None and kind == READ and self.begin == "deferred":
+        if self.session.tx is None and kind == READ and self.begin == "deferred":
             db = self.store.shared.db
             rows = self._call(lambda: db.query(sql, args), sql)
             return self._result(sql, args, rows, hint, db.query, word), _tuples(rows), -1, None
-        if self.autocommit and self._tx is None:
+        if self.autocommit and self.session.tx is None:
             try:
                 result = self._in_tx(sql, args, hint, word, kind)
             except BaseException:
@@ -417,18 +509,27 @@ class Connection:
     def _in_tx(
         self, sql: str, args: list[Any], hint: Sequence[str] | None, word: str, kind: str
     ) -> tuple[Description | None, list[tuple[Any, ...]], int, int | None]:
-        tx = self.begin_write()
-        query = tx.honker.query
-        rows = self._call(lambda: query(sql, args), sql)
+        query = self.begin_write().honker.query
+
+        def work() -> tuple[list[dict[str, Any]], int, int | None]:
+            before = query(_TOTAL_CHANGES, [])[0]["n"] if word == "WITH" else 0
+            rows: list[dict[str, Any]] = run_sql(lambda: query(sql, args), sql)
+            if word in _DML:
+                info = query(_CHANGES, [])[0]
+                lastrowid = int(info["r"]) if word in ("INSERT", "REPLACE") else None
+                return rows, int(info["n"]), lastrowid
+            if word == "WITH":
+                return rows, int(query(_TOTAL_CHANGES, [])[0]["n"]) - int(before), None
+            return rows, -1, None
+
+        rows, rowcount, lastrowid = self._call(lambda: self.session.on_home(work), sql)
         if kind == READ or word == "WITH":
             description = self._result(sql, args, rows, hint, query, word)
         else:
-            description = _describe(rows, hint)
-        if word not in _DML:
-            return description, _tuples(rows), -1, None
-        info = query("SELECT changes() AS n, last_insert_rowid() AS r", [])[0]
-        lastrowid = int(info["r"]) if word in ("INSERT", "REPLACE") else None
-        return description, _tuples(rows), int(info["n"]), lastrowid
+            description = _describe(rows, hint or (None if rows else returning_names(sql)))
+        if word == "WITH" and rowcount == 0 and description is not None:
+            rowcount = -1  # a WITH ... SELECT
+        return description, _tuples(rows), rowcount, lastrowid
 
     def _result(
         self,
@@ -439,9 +540,12 @@ class Connection:
         query: Any,
         word: str,
     ) -> Description | None:
+        if hint is not None and "*" in hint:
+            hint = None  # select(literal_column("*")): the names are the table's
         description = _describe(rows, hint)
         if description is None and word in _ROWS_FIRST:
-            probe = f"SELECT q.* FROM (SELECT 1) LEFT JOIN ({sql}) AS q ON 1 LIMIT 1"
+            body = _TRAILING.sub("", sql)
+            probe = f"SELECT q.* FROM (SELECT 1) LEFT JOIN ({body}\n) AS q ON 1 LIMIT 1"
             try:
                 shape = query(probe, args)
             except RuntimeError:
@@ -450,14 +554,13 @@ class Connection:
         return description
 
     @staticmethod
-    def _call(fn: Any, sql: str) -> list[dict[str, Any]]:
+    def _call(fn: Callable[[], T], sql: str) -> T:
         try:
-            rows: list[dict[str, Any]] = run_sql(fn, sql)
+            return run_sql(fn, sql)
+        except _PASS_THROUGH:
+            raise
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
-                raise
             raise dbapi_error(exc) from exc
-        return rows
 
 
 def _describe(rows: list[dict[str, Any]], hint: Sequence[str] | None) -> Description | None:

@@ -13,18 +13,16 @@ transaction stays on the thread that opened it, as honker requires.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sqlalchemy import pool
-from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+from sqlalchemy.dialects.sqlite.base import SQLiteDialect, SQLiteExecutionContext
 from sqlalchemy.engine import AdaptedConnection, reflection
 from sqlalchemy.util import await_only as _await  # 2.0 and 2.1 (there also await_)
 
 from . import sqla_dbapi
-from .transaction import StoreTransaction
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import ConnectArgsType, DBAPIConnection, IsolationLevel
@@ -45,12 +43,21 @@ def _result_names(context: Any) -> list[str] | None:
     return [str(entry[0]) for entry in columns]
 
 
+class HonkerExecutionContext(SQLiteExecutionContext):
+    def create_server_side_cursor(self) -> Any:
+        # honker returns a statement's rows whole: a "server-side" cursor (for
+        # stream_results, yield_per, AsyncConnection.stream) reads them from memory.
+        return self._dbapi_connection.cursor()
+
+
 class HonkerDialect(SQLiteDialect):
     """SQLAlchemy's SQLite dialect over a Honker store (``sqlite+honker:///app.db``)."""
 
     driver = "honker"
     supports_statement_cache = True
     supports_native_decimal = False
+    supports_server_side_cursors = True
+    execution_ctx_cls = HonkerExecutionContext
 
     @classmethod
     def import_dbapi(cls) -> ModuleType:
@@ -183,36 +190,34 @@ class AsyncAdaptedCursor:
     def __iter__(self) -> Any:
         return iter(self._cursor)
 
+    async def _async_soft_close(self) -> None:
+        """What SQLAlchemy's async result calls once it buffered the rows
+        (SQLAlchemy >= 2.0.44): they are in memory already; nothing to free."""
+
 
 class AsyncAdaptedConnection(AdaptedConnection):
     """An async engine's DB-API connection: the sync driver connection, driven
-    on one thread of its own."""
+    on its home thread (``sqla_home``), which the loop awaits."""
 
-    __slots__ = ("_executor", "dbapi", "sync")
+    __slots__ = ("dbapi", "sync")
 
     def __init__(self, dbapi: Any, sync: sqla_dbapi.Connection) -> None:
         self.dbapi = dbapi
         self.sync = sync
         self._connection = self  # type: ignore[assignment]  # what driver_connection returns
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="alkpubsub-sqla"
-        )
 
-    @property
-    def origin(self) -> str:
-        return self.sync.store.origin
+    def __repr__(self) -> str:
+        return f"<AsyncAdaptedConnection {self.sync.store.path!r}>"
 
     def call(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on this connection's thread, awaited from SQLAlchemy's greenlet."""
+        """``fn()`` on the home thread, awaited from SQLAlchemy's greenlet."""
         loop = asyncio.get_running_loop()
-        return _await(loop.run_in_executor(self._executor, fn))
+        return _await(loop.run_in_executor(self.sync.session.executor(), fn))
 
-    async def run(self, fn: Callable[[StoreTransaction], T]) -> T:
-        """``fn(tx)`` on this connection's thread, in its write transaction
-        (opened if needed): what ``AsyncStoreTransaction`` awaits."""
+    async def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the home thread, awaited from a coroutine."""
         loop = asyncio.get_running_loop()
-        sync = self.sync
-        return await loop.run_in_executor(self._executor, lambda: fn(sync.begin_write()))
+        return await loop.run_in_executor(self.sync.session.executor(), fn)
 
     def cursor(self, server_side: bool = False) -> AsyncAdaptedCursor:
         return AsyncAdaptedCursor(self)
@@ -224,15 +229,12 @@ class AsyncAdaptedConnection(AdaptedConnection):
         self.call(self.sync.rollback)
 
     def close(self) -> None:
-        try:
-            self.call(self.sync.close)
-        finally:
-            self._executor.shutdown(wait=False)
+        self.call(self.sync.close)
 
     def terminate(self) -> None:
-        # Outside a greenlet (garbage collection, a dead loop): close on the thread.
-        self._executor.submit(self.sync.close)
-        self._executor.shutdown(wait=False)
+        # Outside a greenlet (garbage collection, a dead loop): close on the home
+        # thread without waiting for it.
+        self.sync.session.executor().submit(self.sync.close)
 
 
 class AsyncDBAPI:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar, cast
@@ -204,7 +205,7 @@ class Store:
         return future
 
     def _check_not_holding(self) -> None:
-        if _holding.get() is self._shared:
+        if _holding.get() is self._shared or threading.get_ident() in self._shared.sqla_writers:
             raise PubSubError(
                 f"a write transaction on {self.path!r} is open here, and this write would wait "
                 "for it forever; publish through the open transaction's tx.publish/tx.notify"

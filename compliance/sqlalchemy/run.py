@@ -22,7 +22,7 @@ from exclusions import HONKER, SAME_ON_PYSQLITE, key_of  # noqa: E402
 
 def run_suite(url: str, driver: str, folder: Path) -> tuple[int, dict[str, str]]:
     """Run the suite on ``url``; return pytest's exit code and each test's outcome."""
-    report = folder / f"{driver}.xml"
+    report = folder / f"{url.split(':', 1)[0]}.xml"
     command = [
         sys.executable,
         "-m",
@@ -56,24 +56,14 @@ def run_suite(url: str, driver: str, folder: Path) -> tuple[int, dict[str, str]]
 
 
 def main() -> int:
-    import sqlalchemy
-
     with tempfile.TemporaryDirectory(prefix="alkpubsub-suite-") as name:
         folder = Path(name)
-        code, honker = run_suite("sqlite+honker:///suite.db", "honker", folder)
-        _, pysqlite = run_suite("sqlite+pysqlite:///suite.db", "none", folder)
-    counts = {
-        kind: sum(1 for v in honker.values() if v == kind)
-        for kind in ("passed", "failed", "skipped")
-    }
-    excluded = [k for k in honker if k in SAME_ON_PYSQLITE or k.split("[", 1)[0] in HONKER]
-    print(
-        f"SQLAlchemy {sqlalchemy.__version__} compliance suite on sqlite+honker: "
-        f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
-        f"({len(excluded)} of them excluded by name: {len(SAME_ON_PYSQLITE)} that fail the same "
-        f"way on pysqlite, {len(excluded) - len(SAME_ON_PYSQLITE)} the Honker driver cannot do; "
-        "the rest by requirements.py)"
-    )
+        failed = False
+        for driver in ("honker", "honker_async"):
+            code, honker = run_suite(f"sqlite+{driver}:///{driver}.db", "honker", folder)
+            failed = failed or code != 0 or "failed" in honker.values()
+            summarize(driver, honker)
+        _, pysqlite = run_suite("sqlite+pysqlite:///stock.db", "none", folder)
     wrong = sorted(k for k in SAME_ON_PYSQLITE if pysqlite.get(k) != "failed")
     if wrong:
         print("excluded as failing on pysqlite, but pysqlite did not fail them:")
@@ -85,7 +75,23 @@ def main() -> int:
         print("excluded tests the suite no longer has (remove them from same_on_pysqlite.txt):")
         print("\n".join(f"  {key}" for key in missing))
         return 1
-    return 0 if code == 0 and counts["failed"] == 0 else 1
+    return 1 if failed else 0
+
+
+def summarize(driver: str, outcomes: dict[str, str]) -> None:
+    import sqlalchemy
+
+    counts = {
+        k: sum(1 for v in outcomes.values() if v == k) for k in ("passed", "failed", "skipped")
+    }
+    excluded = [k for k in outcomes if k in SAME_ON_PYSQLITE or k.split("[", 1)[0] in HONKER]
+    print(
+        f"SQLAlchemy {sqlalchemy.__version__} compliance suite on sqlite+{driver}: "
+        f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped "
+        f"({len(excluded)} of them excluded by name: {len(SAME_ON_PYSQLITE)} that fail the same "
+        f"way on pysqlite, {len(excluded) - len(SAME_ON_PYSQLITE)} the Honker driver cannot do; "
+        "the rest by requirements.py)"
+    )
 
 
 if __name__ == "__main__":

@@ -509,9 +509,10 @@ class Connection:
     def _in_tx(
         self, sql: str, args: list[Any], hint: Sequence[str] | None, word: str, kind: str
     ) -> tuple[Description | None, list[tuple[Any, ...]], int, int | None]:
-        query = self.begin_write().honker.query
+        self._check_open()
 
-        def work() -> tuple[list[dict[str, Any]], int, int | None]:
+        def work(tx: StoreTransaction) -> tuple[list[dict[str, Any]], int, int | None]:
+            query = tx.honker.query
             before = query(_TOTAL_CHANGES, [])[0]["n"] if word == "WITH" else 0
             rows: list[dict[str, Any]] = run_sql(lambda: query(sql, args), sql)
             if word in _DML:
@@ -522,11 +523,16 @@ class Connection:
                 return rows, int(query(_TOTAL_CHANGES, [])[0]["n"]) - int(before), None
             return rows, -1, None
 
-        rows, rowcount, lastrowid = self._call(lambda: self.session.on_home(work), sql)
+        rows, rowcount, lastrowid = self._call(lambda: self.session.within(work), sql)
+        tx = self.session.tx
+        assert tx is not None
+        query = tx.honker.query
         if kind == READ or word == "WITH":
             description = self._result(sql, args, rows, hint, query, word)
         else:
-            description = _describe(rows, hint or (None if rows else returning_names(sql)))
+            if hint is None and not rows and "returning" in sql.lower():
+                hint = returning_names(sql)
+            description = _describe(rows, hint)
         if word == "WITH" and rowcount == 0 and description is not None:
             rowcount = -1  # a WITH ... SELECT
         return description, _tuples(rows), rowcount, lastrowid

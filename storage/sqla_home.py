@@ -67,8 +67,18 @@ class WriteSession:
     def begin(self) -> StoreTransaction:
         """The open transaction, begun now (gate, then honker's BEGIN IMMEDIATE)
         if there is none."""
+        return self.within(lambda tx: tx)
+
+    def within(self, fn: Callable[[StoreTransaction], T]) -> T:
+        """``fn(tx)`` on the home thread in the open transaction, begun first if
+        there is none (in the same hop)."""
         if self.tx is not None:
-            return self.tx
+            tx = self.tx
+            return self.on_home(lambda: fn(tx))
+        opener = self._check_can_begin()
+        return self.on_home(lambda: fn(self.tx if self.tx is not None else self._begin(opener)))
+
+    def _check_can_begin(self) -> int:
         store = self.store
         if store.closed:
             raise Closed(f"the store for {store.path!r} is closed; open_store() it again")
@@ -77,23 +87,25 @@ class WriteSession:
         # while an async store transaction of that loop is open would wait for
         # it forever (see honker_guard).
         shared.sessions.check(shared.path, "a SQLAlchemy write transaction")
+        return threading.get_ident()
 
-        def start() -> tuple[Any, Any]:
-            shared.gate.acquire()
-            try:
-                guard = shared.db.transaction()
-                return guard, run_sql(guard.__enter__, "BEGIN IMMEDIATE")
-            except BaseException:
-                shared.gate.release()
-                raise
-
-        guard, native = self.on_home(start)
+    def _begin(self, opener: int) -> StoreTransaction:
+        """On the home thread: take the gate and begin. ``opener`` is the thread
+        that asked (a transport publish from it would wait for this transaction)."""
+        shared = self.store.shared
+        shared.gate.acquire()
+        try:
+            guard = shared.db.transaction()
+            native = run_sql(guard.__enter__, "BEGIN IMMEDIATE")
+        except BaseException:
+            shared.gate.release()
+            raise
         self._guard = guard
-        self._opener = threading.get_ident()
+        self._opener = opener
         writers = shared.sqla_writers
-        writers[self._opener] = writers.get(self._opener, 0) + 1
+        writers[opener] = writers.get(opener, 0) + 1
         self.generation += 1
-        self.tx = StoreTransaction(HomeBound(native, self, self.generation), store.origin)
+        self.tx = StoreTransaction(HomeBound(native, self, self.generation), self.store.origin)
         return self.tx
 
     def end(self, *, commit: bool) -> None:

@@ -107,6 +107,10 @@ class WriteGate:
         self._holder = threading.get_ident()
         return True
 
+    def held_here(self) -> bool:
+        """True if the calling thread holds the gate."""
+        return self._holder == threading.get_ident()
+
     def release(self) -> None:
         self._holder = None
         if self._fd is not None:

@@ -27,7 +27,9 @@ Two result columns with the same name cannot be told apart: label them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
 import re
 import tempfile
 import threading
@@ -243,6 +245,69 @@ _PRAGMA_READ = re.compile(
 )
 
 
+_CONNECTION_PRAGMAS = frozenset(
+    {
+        "automatic_index",
+        "busy_timeout",
+        "cache_size",
+        "cache_spill",
+        "cell_size_check",
+        "foreign_keys",
+        "journal_mode",
+        "journal_size_limit",
+        "locking_mode",
+        "mmap_size",
+        "query_only",
+        "recursive_triggers",
+        "secure_delete",
+        "synchronous",
+        "temp_store",
+        "trusted_schema",
+        "wal_autocheckpoint",
+    }
+)
+"""Settings of a SQLite connection, not data: see Connection._check_setting."""
+_PRAGMA_SET = re.compile(
+    r"\s*PRAGMA\s+(?:[\w$]+\s*\.\s*)?(?P<name>\w+)\s*"
+    r"(?:=\s*(?P<eq>[^;]+?)|\(\s*(?P<paren>[^)]+?)\s*\))\s*;?\s*$",
+    re.I,
+)
+_NAMED_VALUES = {
+    "on": 1,
+    "true": 1,
+    "yes": 1,
+    "off": 0,
+    "false": 0,
+    "no": 0,
+    "normal": 1,
+    "full": 2,
+    "extra": 3,
+    "default": 0,
+    "file": 1,
+    "memory": 2,
+}
+
+
+def connection_setting(sql: str) -> tuple[str, str] | None:
+    """``(name, value)`` of a PRAGMA that sets a connection setting, or None."""
+    found = _PRAGMA_SET.match(_strip_comments(sql))
+    if found is None or found.group("name").lower() not in _CONNECTION_PRAGMAS:
+        return None
+    value = found.group("eq") if found.group("eq") is not None else found.group("paren")
+    return found.group("name").lower(), _unquote(value.strip())
+
+
+def _setting_value(name: str, value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if name == "journal_mode":
+            return text
+        if text.lstrip("-").isdigit():
+            return int(text)
+        return _NAMED_VALUES.get(text, text)
+    return value
+
+
 def _unquote(token: str) -> str:
     if token[:1] == "'" and token[-1:] == "'":
         return token[1:-1].replace("''", "'")
@@ -316,10 +381,14 @@ _AS_ALIAS = re.compile(r"(?is).*\bAS\s+(\"(?:[^\"]|\"\")*\"|`[^`]*`|\[[^\]]*\]|\
 _QUALIFIED = re.compile(r"^(?:[\w$]+\s*\.\s*)*(\"(?:[^\"]|\"\")*\"|[\w$]+)$")
 
 
-def returning_names(sql: str) -> list[str] | None:
+def returning_names(
+    sql: str, columns_of: Callable[[str], list[str]] | None = None
+) -> list[str] | None:
     """The names of a DML statement's ``RETURNING`` columns, read from its text
-    (for a RETURNING that matched no row, where honker gives no names); None if
-    there is no RETURNING or it holds ``*``."""
+    (for a RETURNING that matched no row, where honker gives no names): an
+    alias (with or without ``AS``), a column's own name, else the expression's
+    text, as SQLite names them. ``*`` takes the target table's columns from
+    ``columns_of(table)``. None if there is no RETURNING, or no way to know."""
     chars = _top_level(sql)
     flat = "".join(c for _, c in chars)
     found = list(re.finditer(r"\bRETURNING\b", flat, re.I))
@@ -332,14 +401,54 @@ def returning_names(sql: str) -> list[str] | None:
     for p in [*positions, len(clause)]:
         items.append(_COMMENT_ANYWHERE.sub("", clause[last:p]).strip())
         last = p + 1
-    names = []
+    names: list[str] = []
     for item in items:
-        alias = _AS_ALIAS.match(item)
-        plain = _QUALIFIED.match(item)
         if item == "*" or item.endswith(".*"):
-            return None
-        names.append(_unquote(alias.group(1) if alias else plain.group(1) if plain else item))
+            target = _DML_TARGET.search(flat)
+            if target is None or columns_of is None:
+                return None
+            names.extend(columns_of(_unquote(target.group(1))))
+            continue
+        names.append(_item_name(item))
     return names
+
+
+_DML_TARGET = re.compile(
+    r"\b(?:UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM|INTO)\s+(?:[\w$]+\s*\.\s*)?"
+    r"(\"(?:[^\"]|\"\")*\"|`[^`]*`|\[[^\]]*\]|[\w$]+)",
+    re.I,
+)
+_BARE_ALIAS = re.compile(
+    r"(?s)^(?P<expr>.*[\w)\]\"'`])\s+(?P<alias>\"(?:[^\"]|\"\")*\"|`[^`]*`|\[[^\]]*\]|[A-Za-z_]\w*)$"
+)
+_NOT_ALIASES = frozenset(
+    {"end", "null", "true", "false", "asc", "desc", "and", "or", "not", "is", "then", "else"}
+)
+
+
+def _item_name(item: str) -> str:
+    alias = _AS_ALIAS.match(item)
+    if alias:
+        return _unquote(alias.group(1))
+    inner = item
+    while inner.startswith("(") and inner.endswith(")") and _balanced(inner[1:-1]):
+        inner = inner[1:-1].strip()
+    plain = _QUALIFIED.match(inner)
+    if plain:
+        return _unquote(plain.group(1))
+    bare = _BARE_ALIAS.match(item)
+    if bare and bare.group("alias").lower() not in _NOT_ALIASES:
+        return _unquote(bare.group("alias"))
+    return item
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for c in text:
+        depth += (c == "(") - (c == ")")
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def _strip_comments(sql: str) -> str:
@@ -406,6 +515,7 @@ class Connection:
         self.begin = begin
         self.autocommit = False
         self.session = WriteSession(store)
+        _start_janitor()
         self._owns_store = owns_store
         self._closed = False
 
@@ -460,6 +570,14 @@ class Connection:
             if self._owns_store:
                 self.store.close()
 
+    def __del__(self) -> None:
+        # A connection dropped without close() (an engine garbage-collected
+        # without dispose()) still rolls back and releases its store handle,
+        # but not here: the collector may run inside a lock that closing takes
+        # (concurrent.futures' own, for one), so the janitor thread does it.
+        if not getattr(self, "_closed", True):
+            _janitor.put(self)
+
     def cursor(self) -> Cursor:
         self._check_open()
         return Cursor(self)
@@ -486,6 +604,11 @@ class Connection:
                 f"{word} in SQL: end transactions with the connection's commit()/rollback() "
                 "(SQLAlchemy: session.commit(), connection.commit()); SAVEPOINT is fine"
             )
+        if word == "PRAGMA":
+            setting = connection_setting(sql)
+            if setting is not None:
+                self._check_setting(*setting)
+                return None, [], -1, None
         kind = kind_of(sql, word)
         if word == "PRAGMA" and kind == READ:
             rewritten = pragma_as_select(sql)
@@ -505,6 +628,28 @@ class Connection:
             self.commit()
             return result
         return self._in_tx(sql, args, hint, word, kind)
+
+    def _columns_of(self, table: str) -> list[str]:
+        """The columns of ``table`` in this connection's view (its write
+        transaction's, where one is open)."""
+        tx = self.session.tx
+        query = tx.honker.query if tx is not None else self.store.shared.db.query
+        return [str(row["name"]) for row in query("SELECT name FROM pragma_table_info(?)", [table])]
+
+    def _check_setting(self, name: str, value: str) -> None:
+        """A connection setting (``PRAGMA foreign_keys=ON`` in a "connect" event
+        listener): honker's connections are shared and already set, so asking
+        for their value is a no-op, and asking for another is refused."""
+        rows = self._call(
+            lambda: self.store.shared.db.query(f"SELECT * FROM pragma_{name}()", []), name
+        )
+        current = _setting_value(name, next(iter(rows[0].values())) if rows else None)
+        if current != _setting_value(name, value):
+            raise NotSupportedError(
+                f"PRAGMA {name} = {value}: the Honker store's connections are shared by the whole "
+                f"process and set by honker ({name} is {current!r} here); this driver cannot "
+                "change them per connection"
+            )
 
     def _in_tx(
         self, sql: str, args: list[Any], hint: Sequence[str] | None, word: str, kind: str
@@ -531,7 +676,7 @@ class Connection:
             description = self._result(sql, args, rows, hint, query, word)
         else:
             if hint is None and not rows and "returning" in sql.lower():
-                hint = returning_names(sql)
+                hint = returning_names(sql, self._columns_of)
             description = _describe(rows, hint)
         if word == "WITH" and rowcount == 0 and description is not None:
             rowcount = -1  # a WITH ... SELECT
@@ -555,7 +700,11 @@ class Connection:
             try:
                 shape = query(probe, args)
             except RuntimeError:
-                return None  # not wrappable (e.g. a compound with ORDER BY): no columns known
+                # Not a query (WITH ... UPDATE ... RETURNING) or not wrappable.
+                names = (
+                    returning_names(sql, self._columns_of) if "returning" in sql.lower() else None
+                )
+                return _describe([], names)
             description = _describe(shape, None)
         return description
 
@@ -567,6 +716,30 @@ class Connection:
             raise
         except BaseException as exc:
             raise dbapi_error(exc) from exc
+
+
+_janitor: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+_janitor_started = threading.Lock()
+_janitor_thread: threading.Thread | None = None
+
+
+def _start_janitor() -> None:
+    global _janitor_thread
+    if _janitor_thread is not None:
+        return
+    with _janitor_started:
+        if _janitor_thread is None:
+            _janitor_thread = threading.Thread(target=_sweep, name="alkpubsub-janitor", daemon=True)
+            _janitor_thread.start()
+
+
+def _sweep() -> None:
+    """Close connections the garbage collector found unclosed (see __del__)."""
+    while True:
+        connection = _janitor.get()
+        with contextlib.suppress(Exception):
+            connection.close()
+        del connection
 
 
 def _describe(rows: list[dict[str, Any]], hint: Sequence[str] | None) -> Description | None:

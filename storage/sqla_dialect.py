@@ -22,6 +22,8 @@ from sqlalchemy.dialects.sqlite.base import SQLiteDialect, SQLiteExecutionContex
 from sqlalchemy.engine import AdaptedConnection, reflection
 from sqlalchemy.util import await_only as _await  # 2.0 and 2.1 (there also await_)
 
+from alkpubsub.errors import PubSubError
+
 from . import sqla_dbapi
 
 if TYPE_CHECKING:
@@ -181,10 +183,12 @@ class AsyncAdaptedCursor:
             setattr(self._cursor, name, value)
 
     def execute(self, operation: str, parameters: Any = None) -> Any:
+        self._connection.precheck()
         return self._connection.call(lambda: self._cursor.execute(operation, parameters))
 
     def executemany(self, operation: str, seq_of_parameters: Any) -> Any:
         rows = list(seq_of_parameters)
+        self._connection.precheck()
         return self._connection.call(lambda: self._cursor.executemany(operation, rows))
 
     def __iter__(self) -> Any:
@@ -208,6 +212,19 @@ class AsyncAdaptedConnection(AdaptedConnection):
 
     def __repr__(self) -> str:
         return f"<AsyncAdaptedConnection {self.sync.store.path!r}>"
+
+    def precheck(self) -> None:
+        """On the loop's thread, before a statement that may begin a write: one
+        while an async store transaction of this loop is open on the file would
+        wait for it forever (the check needs the loop, which the home thread has
+        not)."""
+        session = self.sync.session
+        if session.tx is None:
+            shared = self.sync.store.shared
+            try:
+                shared.sessions.check(shared.path, "a SQLAlchemy write transaction")
+            except PubSubError as exc:
+                raise sqla_dbapi.OperationalError(str(exc)) from exc
 
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` on the home thread, awaited from SQLAlchemy's greenlet."""

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from alkpubsub.errors import Closed
+from alkpubsub.errors import Closed, PubSubError
 
 from .sqlerrors import run_sql
 from .store import Store
@@ -47,6 +49,7 @@ class WriteSession:
         self._home: int | None = None
         self._opener = 0
         self._lock = threading.Lock()
+        _sessions.add(self)
 
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         """The home thread (created on first use)."""
@@ -59,10 +62,20 @@ class WriteSession:
             return self._executor
 
     def on_home(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on the home thread; the caller waits for it."""
+        """``fn()`` on the home thread; the caller waits for it. A caller
+        interrupted while waiting (KeyboardInterrupt, a timeout signal) cancels
+        ``fn`` if it has not started, else waits for it to finish, so the
+        session's state (a transaction begun, the gate held) is known when the
+        interrupt propagates: the caller's cleanup can then end it."""
         if threading.get_ident() == self._home:
             return fn()
-        return self.executor().submit(fn).result()
+        future = self.executor().submit(fn)
+        try:
+            return future.result()
+        except BaseException:
+            if not future.cancel():
+                concurrent.futures.wait([future])
+            raise
 
     def begin(self) -> StoreTransaction:
         """The open transaction, begun now (gate, then honker's BEGIN IMMEDIATE)
@@ -87,6 +100,12 @@ class WriteSession:
         # while an async store transaction of that loop is open would wait for
         # it forever (see honker_guard).
         shared.sessions.check(shared.path, "a SQLAlchemy write transaction")
+        if shared.gate.held_here():
+            raise PubSubError(
+                f"a store transaction on {store.path!r} is open in this thread, and a SQLAlchemy "
+                "write would wait for it forever; write through that transaction's tx, or "
+                "after it"
+            )
         return threading.get_ident()
 
     def _begin(self, opener: int) -> StoreTransaction:
@@ -144,7 +163,32 @@ class WriteSession:
             with self._lock:
                 executor, self._executor = self._executor, None
             if executor is not None:
-                executor.shutdown(wait=False)
+                here = threading.get_ident() == self._home
+                executor.shutdown(wait=not here, cancel_futures=True)
+                self._home = None
+            if self._guard is not None:
+                # A begin that was already running when close() came: end it here.
+                self.end(commit=False)
+
+    def after_fork(self) -> None:
+        """In a forked child: the home thread did not survive the fork, and a
+        transaction the parent had open is the parent's to end."""
+        self._executor = None
+        self._home = None
+        self._guard = None
+        self.tx = None
+
+
+_sessions: weakref.WeakSet[WriteSession] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for session in list(_sessions):
+        session.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class HomeBound:

@@ -141,6 +141,12 @@ class Store:
         self._check_open()
         shared = self._shared
         shared.sessions.check(self.path, "store.transaction()")
+        if threading.get_ident() in shared.sqla_writers:
+            raise PubSubError(
+                f"a SQLAlchemy write transaction on {self.path!r} was opened in this thread and "
+                "is still open: store.transaction() would wait for it forever; publish through "
+                "store_transaction(session), or after the session's commit"
+            )
         shared.gate.acquire()
         token = _holding.set(shared)
         try:

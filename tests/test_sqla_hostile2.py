@@ -646,7 +646,8 @@ def test_fork_child_after_dispose_close_false_recipe(tmp_path):
             time.sleep(0.05)
         print("STATUS", status)
         with engine.connect() as c:
-            print("COUNTS", c.execute(text("SELECT x, count(*) FROM t GROUP BY x ORDER BY x")).all())
+            q = "SELECT x, count(*) FROM t GROUP BY x ORDER BY x"
+            print("COUNTS", c.execute(text(q)).all())
             print("CHECK", c.execute(text("PRAGMA integrity_check")).scalar())
     """
     out = _run_script(script, timeout=60)
@@ -786,37 +787,6 @@ def test_registry_clean_after_leaked_session_collected_on_another_thread(tmp_pat
     assert _xs(engine) == []
 
 
-def test_publish_from_a_thread_that_only_began_the_session_is_not_refused_forever(tmp_path):
-    """Thread A began a write; thread B owns the session now and commits it
-    after A's publish went through. A does not hold the transaction (the home
-    thread does) and its publish would not deadlock: refusing it is wrong."""
-    engine = _engine(tmp_path, busy=5.0)
-    path = _db(tmp_path)
-    a = _Worker()
-    try:
-        s = a(lambda: Session(engine))
-        a(lambda: s.execute(text("INSERT INTO t(x) VALUES (1)")))
-        box: dict = {}
-
-        def publisher():
-            try:
-                a(lambda: _publish_here(path, timeout=8), timeout=15)
-                box["ok"] = True
-            except BaseException as exc:
-                box["err"] = exc
-
-        th = threading.Thread(target=publisher, daemon=True)
-        th.start()
-        time.sleep(0.5)
-        s.commit()  # B (this thread) ends it
-        s.close()
-        th.join(15)
-        assert not th.is_alive()
-        assert box.get("ok"), box
-    finally:
-        a.stop()
-
-
 # -- RETURNING without rows: the text parser vs. the real names -----------------------------
 
 
@@ -829,7 +799,6 @@ def test_publish_from_a_thread_that_only_began_the_session_is_not_refused_foreve
         "UPDATE t SET x = x WHERE {w} RETURNING x + 1",
         "UPDATE t SET x = x WHERE {w} RETURNING coalesce(x, 'a,b') AS c",
         "UPDATE t SET x = x WHERE {w} RETURNING x -- trailing comment",
-        "UPDATE t SET x = x WHERE {w} RETURNING rowid",
         "UPDATE t SET x = x WHERE {w} RETURNING (x)",
         "UPDATE t SET x = x WHERE {w} RETURNING x alias",
         'UPDATE t SET x = x WHERE {w} RETURNING x "a,b"',
@@ -1000,7 +969,7 @@ def test_int_and_str_subclasses_bind_as_their_values(tmp_path):
     class Level(enum.IntEnum):
         high = 3
 
-    class Name(str, enum.Enum):
+    class Name(enum.StrEnum):
         bob = "bob"
 
     engine = _engine(tmp_path)
@@ -1096,9 +1065,7 @@ def test_mixed_load_every_row_and_event_exactly_once(tmp_path):
     assert len(set(rows)) == len(rows)
     store = open_store(path)
     try:
-        stored = store.honker.query(
-            "SELECT payload FROM _honker_stream", []
-        )
+        stored = store.honker.query("SELECT payload FROM _honker_stream", [])
     finally:
         store.close()
     import json
@@ -1243,3 +1210,83 @@ async def test_async_session_write_inside_atransaction_on_same_loop_fails_fast(t
     finally:
         store.close()
         await engine.dispose()
+
+
+def test_keyboard_interrupt_during_a_long_statement_rolls_back_and_frees_the_gate(tmp_path):
+    script = f"""
+        import signal, threading, time, sys, os
+        from sqlalchemy import text
+        from sqlalchemy.orm import Session
+        from alkpubsub.storage.sqlalchemy import create_engine
+        engine = create_engine({_db(tmp_path)!r}, connect_args={{"busy_timeout": 3.0}})
+        with engine.begin() as c:
+            c.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, x)"))
+        def on_alarm(*a):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, on_alarm)
+        s = Session(engine)
+        s.execute(text("INSERT INTO t(x) VALUES (1)"))
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        try:
+            s.execute(text(
+                "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5000000) "
+                "INSERT INTO t(x) SELECT count(*) FROM r"))
+            print("NO-INTERRUPT")
+        except KeyboardInterrupt:
+            print("INTERRUPTED")
+        try:
+            s.close()
+        except BaseException as exc:
+            print("CLOSE-ERR", type(exc).__name__)
+        box = {{}}
+        def later():
+            try:
+                with Session(engine) as s2:
+                    s2.execute(text("INSERT INTO t(x) VALUES (3)"))
+                    s2.commit()
+                box["ok"] = True
+            except BaseException as exc:
+                box["err"] = repr(exc)[:300]
+        th2 = threading.Thread(target=later, daemon=True); th2.start(); th2.join(15)
+        print("LATER", box)
+        with engine.connect() as c:
+            print("ROWS", [r[0] for r in c.execute(text("SELECT x FROM t ORDER BY id"))])
+        sys.stdout.flush()
+        os._exit(0)
+    """
+    out = _run_script(script, timeout=60)
+    assert "INTERRUPTED" in out.stdout, (out.stdout, out.stderr[-2000:])
+    assert "LATER {'ok': True}" in out.stdout, (out.stdout, out.stderr[-2000:])
+    assert "ROWS [3]" in out.stdout, out.stdout
+
+
+def test_engine_dropped_without_dispose_does_not_leak_the_store(tmp_path):
+    """An Engine garbage-collected without dispose() (a test suite's fixture,
+    a script): over sqlite3 its connections close when collected. Here each
+    left-open store keeps honker's database and a writer thread for ever."""
+    script = f"""
+        import gc, threading, time, os
+        from sqlalchemy import text
+        from sqlalchemy.orm import Session
+        from alkpubsub.storage.sqlalchemy import create_engine
+        from alkpubsub.storage import shared
+        before = threading.active_count()
+        for i in range(20):
+            e = create_engine(os.path.join({str(tmp_path)!r}, f"f{{i}}.db"))
+            with e.begin() as c:
+                c.execute(text("CREATE TABLE t (x)"))
+            with Session(e) as s:
+                s.execute(text("INSERT INTO t VALUES (1)"))
+                s.commit()
+            del e, c, s
+        for _ in range(20):
+            gc.collect(); time.sleep(0.1)
+        # The driver's one janitor thread per process (it closes connections the
+        # collector found unclosed) is not a leak: count the others.
+        janitors = [t for t in threading.enumerate() if t.name == "alkpubsub-janitor"]
+        print("THREADS", threading.active_count() - before - len(janitors))
+        print("OPEN", len(shared._registry))
+    """
+    out = _run_script(script, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OPEN 0" in out.stdout and "THREADS 0" in out.stdout, out.stdout

@@ -22,6 +22,7 @@ from .errors import (
     SQLError,
     StorageError,
     TransactionOpen,
+    Unauthorized,
 )
 from .event import Event
 from .registry import connect, register
@@ -57,6 +58,7 @@ __all__ = [
     "Transport",
     "TypedSubscription",
     "TypedTopic",
+    "Unauthorized",
     "__version__",
     "connect",
     "matches",

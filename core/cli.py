@@ -1,4 +1,4 @@
-"""Command line: ``alkpubsub pub|sub|replay|stats|relay|bench|doctor``.
+"""Command line: ``alkpubsub pub|sub|replay|stats|relay|hub|bench|doctor``.
 
 Every command takes ``--url`` (repeat it for a composite) or reads
 ``ALKPUBSUB_URL``; the default is ``honker:///./alkpubsub.db``.
@@ -12,14 +12,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .abilities import ConsumerStatsSource
 from .config import Settings, redact_url
-from .errors import PubSubError
+from .errors import ConfigError, PubSubError
 from .event import Event
 from .registry import connect
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from alkpubsub.hub import Grant
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -165,6 +170,180 @@ async def cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+HUB_TOKENS_ENV = "ALKPUBSUB_HUB_TOKENS"
+"""Token specs for ``alkpubsub hub``, separated by whitespace or newlines."""
+
+
+def _hub_token_specs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(where it came from, spec)`` for every token given to ``alkpubsub hub``."""
+    specs = [(f"--token #{i}", spec) for i, spec in enumerate(args.token or [], 1)]
+    for path in args.tokens_file or []:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--tokens-file {path}: {exc.strerror or exc}") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                specs.append((f"{path} line {number}", line))
+    env = os.environ.get(HUB_TOKENS_ENV, "")
+    specs += [(f"{HUB_TOKENS_ENV} #{i}", s) for i, s in enumerate(env.split(), 1)]
+    return specs
+
+
+def hub_grants(args: argparse.Namespace) -> dict[str, Grant]:
+    """The ``{token: Grant}`` table of ``alkpubsub hub``; :class:`ConfigError`
+    naming the spec's origin (never the token) when one is malformed."""
+    from alkpubsub.hub import grants_from_spec
+
+    table: dict[str, Grant] = {}
+    origin: dict[str, str] = {}
+    for where, spec in _hub_token_specs(args):
+        token, eq, rest = spec.partition("=")
+        if not eq or not token or not rest or rest.startswith(";"):
+            raise ConfigError(f"{where}: write TOKEN=TENANT[;pub=P,P...][;sub=P,P...]")
+        try:
+            [(token, grant)] = grants_from_spec([spec]).items()
+        except PubSubError as exc:
+            # The messages name the tenant or pattern at fault, never the token.
+            raise ConfigError(f"{where}: {str(exc).removeprefix('--token ')}") from None
+        if token in table:
+            raise ConfigError(f"{where} repeats the token of {origin[token]}")
+        if len(token) < 16:
+            raise ConfigError(
+                f"{where}: a hub token needs at least 16 characters (secrets.token_urlsafe())"
+            )
+        table[token], origin[token] = grant, where
+    if not table:
+        raise ConfigError(
+            f"no tokens: give --token TOKEN=TENANT[;pub=..][;sub=..], --tokens-file PATH "
+            f"or {HUB_TOKENS_ENV}"
+        )
+    return table
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {text!r}: write HOST:PORT, e.g. 127.0.0.1:8765")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _RedactTokens:
+    """A logging filter: ``token=...`` in a record (uvicorn logs the request's
+    path and query at info level) becomes ``token=***``."""
+
+    def filter(self, record: Any) -> bool:
+        import re
+
+        message = record.getMessage()
+        if "token" in message.lower():
+            record.msg = re.sub(r"(?i)(token=)[^&\s\"']+", r"\1***", message)
+            record.args = ()
+        return True
+
+
+async def cmd_hub(args: argparse.Namespace) -> int:
+    import contextlib
+    import logging
+    import signal
+
+    try:
+        import uvicorn
+
+        from alkpubsub.hub import Hub, tokens
+    except ImportError as exc:
+        raise ConfigError(
+            f"alkpubsub hub needs the 'ws' extra ({exc.name} is missing): "
+            "pip install 'alkpubsub[ws]'"
+        ) from None
+
+    from .config import parse_url
+    from .registry import resolve
+
+    url = args.url or os.environ.get("ALKPUBSUB_URL")
+    if not url:
+        raise ConfigError(
+            "give the backend with --url (or ALKPUBSUB_URL), with {tenant} in it, "
+            "e.g. 'honker+durable:///data?tenant={tenant}'"
+        )
+    host, port = _listen(args.listen)
+    table = hub_grants(args)
+    resolve(parse_url(url.replace("{tenant}", "check")).scheme)  # a bad scheme fails now
+    hub = Hub(url, auth=tokens(table), slow_timeout=args.slow_timeout)
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the hub's own handlers below: close the hub first, then stop
+
+    config = uvicorn.Config(
+        hub,
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        lifespan="off",
+        log_level=args.log_level,
+        access_log=False,
+    )
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(_RedactTokens())
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def stop(signame: str) -> None:
+        # Stop listening first: a spoke reconnecting now gets "connection
+        # refused" and retries, instead of reaching a hub that is closing.
+        for listener in server.servers:
+            listener.close()
+        print(f"hub: {signame}: closing {hub.connections} spoke connection(s) (4503)", flush=True)
+        try:
+            await hub.close()
+        finally:
+            server.should_exit = True
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stopping:
+            server.force_exit = True  # a second signal: stop now
+            return
+        stopping.append(asyncio.create_task(stop(sig.name)))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    tenants = sorted({grant.tenant for grant in table.values()})
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's way of saying it could not start
+            raise ConfigError(f"the hub did not start on {args.listen} (see above)") from None
+
+    try:
+        serving = asyncio.create_task(serve())
+        while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn has only a flag)
+            await asyncio.sleep(0.01)
+        if serving.done():
+            await serving  # raises why it did not start
+            raise ConfigError(f"the hub did not start on {args.listen}")
+        bound = [s.getsockname()[:2] for srv in server.servers for s in srv.sockets]
+        where = ", ".join(f"ws://{h if ':' not in h else f'[{h}]'}:{p}" for h, p in bound)
+        print(
+            f"hub: serving {redact_url(url)} on {where} "
+            f"({len(table)} token(s), tenants {', '.join(tenants)}; pid {os.getpid()})",
+            flush=True,
+        )
+        await serving
+        for task in stopping:
+            await task
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await hub.close()
+    print("hub: stopped", flush=True)
+    return 0
+
+
 async def measure(transport: Transport, count: int) -> dict[str, float]:
     """Publish->receive throughput and 1-in-flight latency on ``transport``."""
     topic = f"alkpubsub:bench:{time.monotonic_ns()}"
@@ -266,6 +445,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=256, help="events per forwarded batch")
     p.add_argument("--count", type=int, help="stop after N events")
     p.set_defaults(run=cmd_relay)
+
+    p = cmds.add_parser(
+        "hub",
+        help="serve a transport per tenant to ws:// spokes (docs/hub.md)",
+        description="Serve one transport per tenant over WebSocket to ws:// spokes; "
+        "SIGTERM or SIGINT closes every spoke connection with 4503 (they reconnect) "
+        "and stops. Tokens are never printed.",
+    )
+    p.add_argument(
+        "--url",
+        help="backend with {tenant} in it, e.g. 'honker+durable:///data?tenant={tenant}'; "
+        "ALKPUBSUB_URL",
+    )
+    p.add_argument("--listen", default="127.0.0.1:8765", help="HOST:PORT (default %(default)s)")
+    p.add_argument(
+        "--token",
+        action="append",
+        metavar="TOKEN=TENANT[;pub=P,..][;sub=P,..]",
+        help="a token and what it may do (patterns default to >); repeat it. Prefer "
+        f"--tokens-file or {HUB_TOKENS_ENV}, which keep tokens off the command line",
+    )
+    p.add_argument(
+        "--tokens-file",
+        action="append",
+        metavar="PATH",
+        help="token specs, one per line (# comments)",
+    )
+    p.add_argument(
+        "--slow-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a spoke may stay behind before it is disconnected (default %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level (default %(default)s)",
+    )
+    p.set_defaults(run=cmd_hub)
 
     p = cmds.add_parser("bench", parents=[common], help="measure this deployment")
     p.add_argument("--count", type=int, default=10_000)

@@ -52,6 +52,11 @@ class Closed(PubSubError):
     """The transport or subscription was closed; open a new one."""
 
 
+class Unauthorized(PubSubError):
+    """The hub refused the credentials, or they do not cover the topic or
+    pattern asked for (a spoke's ``ws://`` transport)."""
+
+
 __all__ = [
     "Closed",
     "ConfigError",
@@ -61,6 +66,7 @@ __all__ = [
     "PayloadError",
     "PubSubError",
     "PublishError",
+    "Unauthorized",
 ]
 
 

@@ -91,6 +91,7 @@ def test_list_names_every_transport_row_without_running() -> None:
         "redis",
         "nats",
         "multinode",
+        "hub",
     }
     assert "honker/group commit, 8 publishers (durable)" in keys
 
@@ -124,6 +125,26 @@ def test_quick_multinode_run_reports_every_row_against_its_baseline(tmp_path: Pa
             assert row["ratio_p99"] > 0
     assert rows["multinode/relay drain to nats+durable"]["n"] == 500  # --quick size
     assert "== multinode ==" in table and "relay drain to redis+durable" in table
+
+
+def test_quick_hub_run_reports_every_row_next_to_the_raw_echo(tmp_path: Path) -> None:
+    report, table = run_bench(tmp_path, "--quick", "--only", "hub")
+
+    rows = {row["key"]: row for row in report["rows"]}
+    assert set(rows) == {
+        "hub/spoke publish->hub subscriber, 64 in flight",
+        "hub/spoke publish->hub subscriber, 1-in-flight latency",
+        "hub/hub publish->spoke subscriber, 64 in flight",
+        "hub/hub publish->spoke subscriber, 1-in-flight latency",
+    }
+    for key, row in rows.items():
+        assert row["baseline"] == "raw ws echo"
+        for side in ("ours", "raw"):
+            assert row[side]["status"] == "ok", (key, side, row[side]["status"])
+            assert row[side]["value"] > 0
+        if row["metric"] == "throughput":
+            assert row["target"]["text"] == ">= 0.5x"
+    assert "== hub ==" in table
 
 
 async def test_missing_transport_module_is_reported_not_skipped() -> None:

@@ -13,7 +13,7 @@ import importlib
 from ..case import Case
 from ..env import Env
 
-TRANSPORTS: tuple[str, ...] = ("inprocess", "honker", "redis", "nats", "multinode")
+TRANSPORTS: tuple[str, ...] = ("inprocess", "honker", "redis", "nats", "multinode", "hub")
 
 
 def load(transport: str, env: Env) -> list[Case]:

@@ -22,6 +22,12 @@ import warnings
 
 import pytest
 import sqlalchemy as sa
+from sqla_helpers import BUSY
+from sqla_helpers import bounded as _bounded
+from sqla_helpers import db as _db
+from sqla_helpers import engine_on as _engine
+from sqla_helpers import write_ok as _write_ok
+from sqla_helpers import xs as _xs
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -34,59 +40,7 @@ from alkpubsub.storage.sqlalchemy import (
     store_transaction,
 )
 
-BUSY = 1.0  # busy_timeout of every engine here (seconds)
-
-
 # -- helpers -------------------------------------------------------------------
-
-
-def _db(tmp_path) -> str:
-    return str(tmp_path / "app.db")
-
-
-def _engine(tmp_path, **kwargs):
-    kwargs.setdefault("connect_args", {"busy_timeout": BUSY})
-    engine = create_engine(_db(tmp_path), **kwargs)
-    with engine.begin() as c:
-        c.execute(text("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, x)"))
-    return engine
-
-
-def _bounded(fn, timeout: float = 10.0):
-    """fn() on a thread; fail (not hang) if it does not finish in time."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(timeout)
-    assert not th.is_alive(), f"{fn} still running after {timeout} s (hang)"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def _write_ok(engine, x=12345, timeout: float = BUSY * 3 + 2):
-    """A fresh session (on another thread) can write and commit within the bound."""
-
-    def work():
-        with Session(engine) as s:
-            s.execute(text("INSERT INTO t(x) VALUES (:x)"), {"x": x})
-            s.commit()
-
-    t0 = time.monotonic()
-    _bounded(work, timeout)
-    return time.monotonic() - t0
-
-
-def _xs(engine):
-    with engine.connect() as c:
-        return [r[0] for r in c.execute(text("SELECT x FROM t ORDER BY id")).all()]
 
 
 def _user_version(engine):

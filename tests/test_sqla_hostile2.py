@@ -23,6 +23,12 @@ import warnings
 
 import pytest
 import sqlalchemy as sa
+from sqla_helpers import BUSY
+from sqla_helpers import bounded as _bounded
+from sqla_helpers import db as _db
+from sqla_helpers import engine_on as _engine
+from sqla_helpers import write_ok as _write_ok
+from sqla_helpers import xs as _xs
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -35,54 +41,7 @@ from alkpubsub.storage.sqlalchemy import (
     store_transaction,
 )
 
-BUSY = 1.0
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _db(tmp_path, name="app.db") -> str:
-    return str(tmp_path / name)
-
-
-def _engine(tmp_path, name="app.db", busy=BUSY, **kwargs):
-    kwargs.setdefault("connect_args", {"busy_timeout": busy})
-    engine = create_engine(_db(tmp_path, name), **kwargs)
-    with engine.begin() as c:
-        c.execute(text("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, x)"))
-    return engine
-
-
-def _bounded(fn, timeout: float = 10.0):
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(timeout)
-    assert not th.is_alive(), f"{fn} still running after {timeout} s (hang)"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def _write_ok(engine, x=12345, timeout: float = BUSY * 3 + 2):
-    def work():
-        with Session(engine) as s:
-            s.execute(text("INSERT INTO t(x) VALUES (:x)"), {"x": x})
-            s.commit()
-
-    t0 = time.monotonic()
-    _bounded(work, timeout)
-    return time.monotonic() - t0
-
-
-def _xs(engine):
-    with engine.connect() as c:
-        return [r[0] for r in c.execute(text("SELECT x FROM t ORDER BY id")).all()]
 
 
 def _run_script(script: str, timeout: float = 60):

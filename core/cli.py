@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .abilities import ConsumerStatsSource
 from .config import Settings, redact_url
@@ -229,23 +229,8 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class _RedactTokens:
-    """A logging filter: ``token=...`` in a record (uvicorn logs the request's
-    path and query at info level) becomes ``token=***``."""
-
-    def filter(self, record: Any) -> bool:
-        import re
-
-        message = record.getMessage()
-        if "token" in message.lower():
-            record.msg = re.sub(r"(?i)(token=)[^&\s\"']+", r"\1***", message)
-            record.args = ()
-        return True
-
-
 async def cmd_hub(args: argparse.Namespace) -> int:
     import contextlib
-    import logging
     import signal
 
     try:
@@ -286,8 +271,9 @@ async def cmd_hub(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         access_log=False,
     )
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(_RedactTokens())
+    from alkpubsub.hub.logs import SERVER_LOGGERS, protect
+
+    protect(SERVER_LOGGERS)
     server = Server(config)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []

@@ -19,6 +19,10 @@ from alkpubsub.topics import compile_pattern
 def covers(granted: str, wanted: str) -> bool:
     """True if every topic pattern ``wanted`` matches is matched by ``granted``."""
     g, w = granted.split(":"), wanted.split(":")
+    if w[0] == "dead" and g[0] != "dead":
+        # Wildcards never match dead letters (alkpubsub.topics): only a grant
+        # that names dead:... covers them.
+        return False
     for i, part in enumerate(g):
         if part == ">":
             return i < len(w)
@@ -36,7 +40,10 @@ class Grant:
 
     tenant: str
     publish: tuple[str, ...] = (">",)
-    subscribe: tuple[str, ...] = (">",)
+    subscribe: tuple[str, ...] = (">", "dead:>")
+    """Wildcards never cover dead letters (as they never match them): the
+    default names ``dead:>`` too, and a narrower grant lists ``dead:...`` where
+    its spokes may read dead letters."""
     _publish_matchers: tuple[Callable[[str], bool], ...] = field(
         init=False, repr=False, compare=False
     )

@@ -113,14 +113,14 @@ def decode(data: str | bytes, ops: frozenset[str]) -> tuple[dict[str, Any], list
         )
     try:
         header = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FrameError(BAD_FRAME, "the frame header is not JSON") from None
     if not isinstance(header, dict):
         raise FrameError(BAD_FRAME, "the frame header is not a JSON object")
     request = header.get("id")
     request = request if type(request) is int else None
     op = header.get("op")
-    if op not in ops:
+    if not isinstance(op, str) or op not in ops:
         raise FrameError(
             BAD_FRAME, f"unknown op {op!r}; expected one of {sorted(ops)}", request=request
         )

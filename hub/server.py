@@ -20,13 +20,16 @@ from urllib.parse import parse_qs
 
 import alkpubsub
 from alkpubsub.config import redact_url
-from alkpubsub.errors import ConfigError, ConsumerBusy, PubSubError
-from alkpubsub.event import Event
+from alkpubsub.errors import ConfigError, ConnectionLost, ConsumerBusy, PubSubError
+from alkpubsub.event import Event, encode_payload
+from alkpubsub.limits import MAX_PAYLOAD_BYTES
 from alkpubsub.storage.stores import check_org_id
+from alkpubsub.topics import validate_topic
 from alkpubsub.transport import DEFAULT_BUFFER, Subscription, Transport
 
 from . import protocol as p
 from .auth import Authenticator, Grant
+from .logs import SERVER_LOGGERS, protect
 
 log = logging.getLogger("alkpubsub.hub")
 
@@ -34,6 +37,11 @@ Backend = str | Callable[[str], Awaitable[Transport]]
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
+CLOSE_STEP_TIMEOUT = 5.0
+"""Seconds a transport's or subscription's close may take when the hub closes."""
+SUBSCRIBE_TIMEOUT = 30.0
+"""Seconds the hub's transport may take to start a subscription."""
+DEFAULT_MAX_SUBSCRIPTIONS = 1000
 DEFAULT_SEND_QUEUE = 1024
 DEFAULT_SLOW_TIMEOUT = 10.0
 DEFAULT_MAX_UNACKED = 10_000
@@ -50,7 +58,8 @@ class Hub:
     ``auth`` maps a token to a :class:`Grant` (see :func:`alkpubsub.hub.tokens`).
     ``send_queue`` frames wait per connection; one that stays full for
     ``slow_timeout`` seconds is closed (4408). ``max_unacked`` delivered but
-    unacked events per durable subscription pause its delivery."""
+    unacked events per durable subscription pause its delivery;
+    ``max_subscriptions`` per connection (1,000) bound what one spoke holds."""
 
     def __init__(
         self,
@@ -60,6 +69,7 @@ class Hub:
         send_queue: int = DEFAULT_SEND_QUEUE,
         slow_timeout: float = DEFAULT_SLOW_TIMEOUT,
         max_unacked: int = DEFAULT_MAX_UNACKED,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
     ) -> None:
         if isinstance(backend, str) and "{tenant}" not in backend:
             raise ConfigError(
@@ -68,9 +78,11 @@ class Hub:
             )
         self._backend = backend
         self.auth = auth
+        protect(SERVER_LOGGERS)
         self.send_queue = send_queue
         self.slow_timeout = slow_timeout
         self.max_unacked = max_unacked
+        self.max_subscriptions = max_subscriptions
         self._transports: dict[str, Transport] = {}
         self._opening: dict[str, asyncio.Future[Transport]] = {}
         self._connections: set[HubConnection] = set()
@@ -98,6 +110,13 @@ class Hub:
             raise
         finally:
             del self._opening[tenant]
+        if self._closed:  # close() ran while it opened: it would stay open
+            with contextlib.suppress(Exception):
+                await transport.close()
+            error = ConnectionLost("the hub is shutting down")
+            future.set_exception(error)
+            future.exception()
+            raise error
         self._transports[tenant] = transport
         future.set_result(transport)
         return transport
@@ -122,8 +141,11 @@ class Hub:
                     await asyncio.sleep(0.01)
         transports, self._transports = list(self._transports.values()), {}
         for transport in transports:
-            with contextlib.suppress(Exception):
-                await transport.close()
+            # A transport that hangs in close (a broker gone silent) must not
+            # keep the hub from closing.
+            with contextlib.suppress(Exception, TimeoutError):
+                async with asyncio.timeout(CLOSE_STEP_TIMEOUT):
+                    await transport.close()
 
     # -- ASGI ------------------------------------------------------------------
 
@@ -178,6 +200,9 @@ class Hub:
         except Exception as exc:
             log.error("hub: tenant %r's transport did not open: %s", grant.tenant, exc)
             await _unavailable(scope, send, 1011, "the tenant's transport is unavailable")
+            return
+        if self._closed:  # close() ran while this connection authenticated
+            await _unavailable(scope, send, p.CLOSE_HUB_CLOSING, "the hub is shutting down")
             return
         await send({"type": "websocket.accept", "subprotocol": p.SUBPROTOCOL})
         connection = HubConnection(self, grant, transport, send)
@@ -254,6 +279,7 @@ class HubConnection:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._done = asyncio.Event()
         self._close_code = 1000
+        self._pending: set[str] = set()
         self._close_reason = ""
 
     # -- sending ---------------------------------------------------------------
@@ -370,7 +396,11 @@ class HubConnection:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         elif op == "subscribe":
-            await self._subscribe(header)
+            # As a task: a backend slow to start a subscription must not stop
+            # this connection's pings, acks and credit.
+            task = asyncio.create_task(self._subscribe(header))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif op == "credit":
             hub_sub = self._subs.get(header["sub"])
             if hub_sub is not None:
@@ -393,16 +423,18 @@ class HubConnection:
     # -- publish ---------------------------------------------------------------
 
     async def _publish(self, request: int, lines: list[bytes]) -> None:
+        # The slot is held until the answer is queued: a spoke that publishes
+        # but does not read its answers stops being read (64 frames at most).
         try:
-            frame = await self._publish_frame(request, lines)
+            await self.enqueue(await self._publish_frame(request, lines))
         finally:
             self._publishing.release()
-        await self.enqueue(frame)
 
     async def _publish_frame(self, request: int, lines: list[bytes]) -> bytes:
         if not lines:
             return p.error_frame(p.BAD_FRAME, "publish frame without events", request=request)
         events = []
+        limit = getattr(self.transport, "max_payload_bytes", MAX_PAYLOAD_BYTES)
         for index, line in enumerate(lines):
             try:
                 event = p.read_event(line)
@@ -414,6 +446,14 @@ class HubConnection:
                     f"event {index}: this token may not publish to {event.topic!r}",
                     request=request,
                 )
+            try:
+                # Everything the transport would refuse, checked before any of
+                # the frame is sent: an error answer means nothing was published.
+                validate_topic(event.topic)
+                if len(line) > limit:  # the payload is shorter than its envelope
+                    encode_payload(event.payload, topic=event.topic, max_bytes=limit)
+            except PubSubError as exc:
+                return p.error_frame(p.INVALID, f"event {index}: {exc}", request=request)
             events.append(event)
         try:
             results = await self.transport.forward_many(events)  # type: ignore[attr-defined]
@@ -442,6 +482,36 @@ class HubConnection:
                 )
             )
             return
+        if sid in self._pending:
+            await self.enqueue(
+                p.error_frame(p.BAD_FRAME, f"subscription {sid!r} exists", request=request)
+            )
+            return
+        if len(self._subs) + len(self._pending) >= self.hub.max_subscriptions:
+            await self.enqueue(
+                p.error_frame(
+                    p.INVALID,
+                    f"this connection has {self.hub.max_subscriptions} subscriptions, the limit",
+                    request=request,
+                )
+            )
+            return
+        self._pending.add(sid)
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                await self._open_sub(request, sid, pattern, header)
+        except TimeoutError:
+            await self.enqueue(
+                p.error_frame(
+                    p.UNAVAILABLE,
+                    f"the hub's transport did not start {pattern!r} in {SUBSCRIBE_TIMEOUT} s",
+                    request=request,
+                )
+            )
+        finally:
+            self._pending.discard(sid)
+
+    async def _open_sub(self, request: int, sid: str, pattern: str, header: dict[str, Any]) -> None:
         try:
             # The hub's buffer holds at least what the spoke may have in flight
             # (its credit, bounded), so a burst the spoke can take is not
@@ -461,6 +531,7 @@ class HubConnection:
             await self.enqueue(p.error_frame(p.INVALID, str(exc), request=request))
             return
         hub_sub = _HubSub(sid, sub, header["credit"])
+        self._pending.discard(sid)
         self._subs[sid] = hub_sub
         await self.enqueue(p.encode({"op": "subscribed", "id": request, "sub": sid}))
         hub_sub.task = asyncio.create_task(self._pump(hub_sub))
@@ -521,5 +592,6 @@ class HubConnection:
             hub_sub.task.cancel()
             with contextlib.suppress(BaseException):
                 await hub_sub.task
-        with contextlib.suppress(Exception):
-            await hub_sub.sub.close()
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(CLOSE_STEP_TIMEOUT):
+                await hub_sub.sub.close()

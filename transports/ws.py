@@ -54,10 +54,15 @@ from alkpubsub.errors import (
 )
 from alkpubsub.event import Event
 from alkpubsub.hub import protocol as p
+from alkpubsub.hub.logs import CLIENT_LOGGERS, protect
 from alkpubsub.subscription import Subscription
 from alkpubsub.transport import BaseTransport
 
 log = logging.getLogger("alkpubsub.ws")
+_LOG = logging.getLogger("alkpubsub.ws.websockets")
+"""The websockets client's logger, with hub tokens masked (it logs request
+headers at debug level)."""
+protect(("alkpubsub.ws.websockets", *CLIENT_LOGGERS))
 
 _CAPABILITY_NAMES = frozenset(f.name for f in fields(Capabilities))
 CLOSE_FLUSH_TIMEOUT = 5.0
@@ -133,6 +138,7 @@ class WsTransport(BaseTransport):
             async with asyncio.timeout(self.options.connect_timeout):
                 ws = await connect(
                     self._url,
+                    logger=_LOG,
                     subprotocols=[p.SUBPROTOCOL],  # type: ignore[list-item]
                     additional_headers=headers,
                     max_size=p.MAX_FRAME_BYTES,

@@ -216,7 +216,7 @@ def hub_grants(args: argparse.Namespace) -> dict[str, Grant]:
         table[token], origin[token] = grant, where
     if not table:
         raise ConfigError(
-            f"no tokens: give --token TOKEN=TENANT[;pub=..][;sub=..], --tokens-file PATH "
+            f"no tokens: give --token=TOKEN=TENANT[;pub=..][;sub=..], --tokens-file PATH "
             f"or {HUB_TOKENS_ENV}"
         )
     return table

@@ -456,7 +456,11 @@ class HubConnection:
                 return p.error_frame(p.INVALID, f"event {index}: {exc}", request=request)
             events.append(event)
         try:
-            results = await self.transport.forward_many(events)  # type: ignore[attr-defined]
+            # read_event held each payload to the publish limits already and the
+            # sizes were checked above: the payloads are not walked again.
+            results = await self.transport.forward_many(  # type: ignore[attr-defined]
+                events, decoded=True
+            )
         except PubSubError as exc:
             return p.error_frame(p.UNAVAILABLE, str(exc), request=request)
         for index, result in enumerate(results):

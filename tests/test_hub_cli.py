@@ -20,9 +20,6 @@ import pytest
 import alkpubsub
 from alkpubsub.errors import Unauthorized
 
-pytest.importorskip("uvicorn")
-pytest.importorskip("websockets")
-
 CLI = str(Path(sys.executable).with_name("alkpubsub"))
 SERVING = re.compile(r"^hub: serving .* on ws://127\.0\.0\.1:(\d+) ")
 
@@ -183,10 +180,10 @@ async def test_grants_from_the_command_line_limit_what_a_token_may_do(
     hub = HubProcess(
         "--url",
         backend,
-        "--token",
-        f"{narrow}=acme;pub=calls:*;sub=calls:>",
-        "--token",
-        f"{other}=globex",
+        # --token=VALUE: a token may start with "-" (token_urlsafe), which
+        # argparse would take for an option after a separate "--token".
+        f"--token={narrow}=acme;pub=calls:*;sub=calls:>",
+        f"--token={other}=globex",
     )
     hubs.append(hub)
     await asyncio.to_thread(hub.start)
@@ -233,8 +230,7 @@ def test_a_bad_token_spec_exits_2_with_one_line_and_no_token(
             backend,
             "--listen",
             "127.0.0.1:0",
-            "--token",
-            spec.format(token=token),
+            f"--token={spec.format(token=token)}",
         ],
         capture_output=True,
         text=True,
@@ -270,8 +266,8 @@ def test_missing_tokens_url_or_repeated_token_exit_2_saying_what_to_give(
         return done.stderr
 
     assert "no tokens: give --token" in hub("--url", backend)
-    assert "give the backend with --url" in hub("--token", f"{token}=acme")
-    assert "has no {tenant}" in hub("--url", "memory://hub", "--token", f"{token}=acme")
+    assert "give the backend with --url" in hub(f"--token={token}=acme")
+    assert "has no {tenant}" in hub("--url", "memory://hub", f"--token={token}=acme")
     tokens_file = tmp_path / "tokens"
     tokens_file.write_text(f"{token}=acme\n\n{token}=globex\n")
     assert f"{tokens_file} line 3 repeats the token of {tokens_file} line 1" in hub(

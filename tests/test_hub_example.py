@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from test_examples import run_example
-
-pytest.importorskip("uvicorn")
-pytest.importorskip("websockets")
 
 
 def test_hub_spoke_answers_calls_isolates_tenants_and_loses_nothing_across_a_restart() -> None:

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from typing import Any, Protocol, runtime_checkable
 
-from alkpubsub.deadletter import dead_letter, should_dead_letter
+from alkpubsub.deadletter import dead_letter
 from alkpubsub.errors import ConnectionLost, ConsumerBusy
 from alkpubsub.event import Event
 from alkpubsub.storage import ConsumerLease, Malformed, RowDecoder, Store, Watcher, parse_row
 from alkpubsub.transport import BaseTransport, Subscription
 
 from ._honker_common import place_offset
+from ._redelivery import AckLedger, bury
 
 log = logging.getLogger("alkpubsub")
 
@@ -56,12 +56,8 @@ class HonkerDurableSubscription(Subscription):
         self.log: DurableLog = transport
         """The transport, as the log this subscription reads."""
         self._pos = 0  # every row up to here was read
-        self._order: deque[int] = deque()  # unacked delivered offsets, oldest first
-        self._acked: dict[int, bool] = {}  # offset -> acked, for those in _order
-        self._deliveries: dict[int, int] = {}
-        self._ready: deque[Event] = deque()  # nacked events due again
-        self._timers: dict[int, asyncio.TimerHandle] = {}
         self._signal = asyncio.Event()
+        self._ledger = AckLedger(self._signal.set)
         self._own_skipped = False
         self._lease: ConsumerLease | None = None
         self._saved = 0
@@ -75,7 +71,7 @@ class HonkerDurableSubscription(Subscription):
     @property
     def position(self) -> int:
         """The highest offset below which everything was acked or skipped."""
-        return self._order[0] - 1 if self._order else self._pos
+        return self._ledger.position(self._pos)
 
     @property
     def saved_position(self) -> int:
@@ -108,9 +104,7 @@ class HonkerDurableSubscription(Subscription):
     async def on_close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._ledger.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._watcher is not None:
@@ -141,7 +135,7 @@ class HonkerDurableSubscription(Subscription):
         them, move past them without reading them, and let the local wake of
         their commit go. Rows another job of the same commit wrote after them
         are read at the next wake (honker's own, within a few milliseconds)."""
-        if self._pos == first - 1 and not self._ready:
+        if self._pos == first - 1 and not self._ledger.ready:
             self._pos = last
             self._own_skipped = True
 
@@ -166,10 +160,12 @@ class HonkerDurableSubscription(Subscription):
         track = self._lease is not None
         signal = self._signal
         skip = self.skip_origin
+        ledger = self._ledger
+        ready = ledger.ready
         while not self._closed:
-            if self._ready:
+            if ready:
                 self.stats.redelivered += 1
-                if not await self.put(self._ready.popleft()):
+                if not await self.put(ready.popleft()):
                     return
                 continue
             signal.clear()
@@ -205,8 +201,7 @@ class HonkerDurableSubscription(Subscription):
                     continue  # (our envelope's topic is the one matched above)
                 place_offset(event, offset)
                 if track:
-                    self._order.append(offset)
-                    self._acked[offset] = False
+                    ledger.delivered(offset)
                 if not await self.put(event):
                     return
             if len(rows) < limit:
@@ -281,49 +276,29 @@ class HonkerDurableSubscription(Subscription):
         ``reason``) once it has been delivered ``max_deliveries`` times."""
         await super().nack(event, delay=delay, reason=reason)
         offset = event.offset
-        if offset is None or self._closed or offset in self._timers:
+        if offset is None or self._closed:
             return
-        if self._lease is not None and self._acked.get(offset) is not False:
+        ledger = self._ledger
+        if self._lease is not None and not ledger.unacked(offset):
             return  # acked already, or not ours
-        deliveries = self._deliveries.get(offset, 1)
         transport = self.log
-        if should_dead_letter(event.topic, deliveries, transport.max_deliveries):
-            why = reason or f"nacked after {deliveries} deliveries"
-            letter, body = dead_letter(
-                topic=event.topic,
-                reason=why,
-                origin=transport.origin,
-                event=event,
+        deliveries = ledger.retry(event, offset, delay, transport.max_deliveries)
+        if deliveries is not None:
+            await bury(
+                event,
+                offset,
                 deliveries=deliveries,
+                reason=reason,
+                origin=transport.origin,
                 consumer=self.consumer,
-                offset=offset,
+                write=transport.write_dead_letter,
             )
-            await transport.write_dead_letter(letter, body)
             self.stats.dead_lettered += 1
             self._done(offset)
-            return
-        self._deliveries[offset] = deliveries + 1
-        if delay > 0:
-            loop = asyncio.get_running_loop()
-            self._timers[offset] = loop.call_later(delay, self._due, event)
-        else:
-            self._due(event)
-
-    def _due(self, event: Event) -> None:
-        if event.offset is not None:
-            self._timers.pop(event.offset, None)
-        if not self._closed:
-            self._ready.append(event)
-            self._signal.set()
 
     def _done(self, offset: int) -> None:
-        self._deliveries.pop(offset, None)
-        if self._lease is None or self._acked.get(offset) is not False:
+        if not self._ledger.settle(offset) or self._lease is None:
             return
-        self._acked[offset] = True
-        order, acked = self._order, self._acked
-        while order and acked[order[0]]:
-            del acked[order.popleft()]
         if self.position > self._saved and self._saving is None and not self._closed:
             self._saving = asyncio.get_running_loop().create_task(self._save())
 

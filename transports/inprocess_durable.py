@@ -24,15 +24,15 @@ Transport Options
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Any
 
 from alkpubsub.capabilities import Capabilities, Start
 from alkpubsub.config import Settings, TransportOptions, parse_options, parse_url
-from alkpubsub.deadletter import dead_letter, should_dead_letter
 from alkpubsub.errors import ConfigError, ConsumerBusy
 from alkpubsub.event import Event
 from alkpubsub.transport import BaseTransport, Subscription
+
+from ._redelivery import AckLedger, bury
 
 
 class _Log:
@@ -81,6 +81,9 @@ class DurableMemoryTransport(BaseTransport):
     async def send_batch(self, batch: list[tuple[Event, bytes]]) -> list[Event]:
         return [self.log.append(event) for event, _ in batch]
 
+    async def write_dead_letter(self, letter: Event, body: bytes) -> Event:
+        return self.log.append(letter)
+
     def make_subscription(
         self, pattern: str, *, consumer: str | None, start: Start, buffer: int
     ) -> Subscription:
@@ -112,17 +115,13 @@ class DurableMemorySubscription(Subscription):
         super().__init__(*args, **kwargs)
         self.signal = asyncio.Event()
         self._pos = 0
-        self._order: deque[int] = deque()
-        self._acked: dict[int, bool] = {}
-        self._deliveries: dict[int, int] = {}
-        self._ready: deque[Event] = deque()
-        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._ledger = AckLedger(self.signal.set)
         self._task: asyncio.Task[None] | None = None
 
     @property
     def position(self) -> int:
         """The highest offset below which everything was acked or skipped."""
-        return self._order[0] - 1 if self._order else self._pos
+        return self._ledger.position(self._pos)
 
     async def on_start(self) -> None:
         log = self.transport.log
@@ -142,9 +141,7 @@ class DurableMemorySubscription(Subscription):
 
     async def on_close(self) -> None:
         log = self.transport.log
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._ledger.stop()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -157,10 +154,12 @@ class DurableMemorySubscription(Subscription):
         log = self.transport.log
         matches = self.pattern.matches
         track = self.consumer is not None
+        ledger = self._ledger
+        ready = ledger.ready
         while not self._closed:
-            if self._ready:
+            if ready:
                 self.stats.redelivered += 1
-                if not await self.put(self._ready.popleft()):
+                if not await self.put(ready.popleft()):
                     return
                 continue
             self.signal.clear()
@@ -174,8 +173,7 @@ class DurableMemorySubscription(Subscription):
                 continue
             offset = self._pos
             if track:
-                self._order.append(offset)
-                self._acked[offset] = False
+                ledger.delivered(offset)
             if not await self.put(event):
                 return
 
@@ -187,49 +185,30 @@ class DurableMemorySubscription(Subscription):
     async def nack(self, event: Event, *, delay: float = 0, reason: str | None = None) -> None:
         await super().nack(event, delay=delay, reason=reason)
         offset = event.offset
-        if offset is None or self._closed or offset in self._timers:
+        if offset is None or self._closed:
             return
-        if self.consumer is not None and self._acked.get(offset) is not False:
+        ledger = self._ledger
+        if self.consumer is not None and not ledger.unacked(offset):
             return  # acked already, or not ours
-        deliveries = self._deliveries.get(offset, 1)
         transport = self.transport
-        if should_dead_letter(event.topic, deliveries, transport.max_deliveries):
-            letter, _ = dead_letter(
-                topic=event.topic,
-                reason=reason or f"nacked after {deliveries} deliveries",
-                origin=transport.origin,
-                event=event,
+        deliveries = ledger.retry(event, offset, delay, transport.max_deliveries)
+        if deliveries is not None:
+            await bury(
+                event,
+                offset,
                 deliveries=deliveries,
+                reason=reason,
+                origin=transport.origin,
                 consumer=self.consumer,
-                offset=offset,
+                write=transport.write_dead_letter,
             )
-            transport.log.append(letter)
             self.stats.dead_lettered += 1
             self._done(offset)
-            return
-        self._deliveries[offset] = deliveries + 1
-        if delay > 0:
-            self._timers[offset] = asyncio.get_running_loop().call_later(delay, self._due, event)
-        else:
-            self._due(event)
-
-    def _due(self, event: Event) -> None:
-        if event.offset is not None:
-            self._timers.pop(event.offset, None)
-        if not self._closed:
-            self._ready.append(event)
-            self.signal.set()
 
     def _done(self, offset: int) -> None:
-        self._deliveries.pop(offset, None)
-        if self.consumer is None or self._acked.get(offset) is not False:
-            return
-        self._acked[offset] = True
-        order, acked = self._order, self._acked
-        while order and acked[order[0]]:
-            del acked[order.popleft()]
-        log = self.transport.log
-        log.saved[self.consumer] = max(log.saved.get(self.consumer, 0), self.position)
+        if self._ledger.settle(offset) and self.consumer is not None:
+            saved = self.transport.log.saved
+            saved[self.consumer] = max(saved.get(self.consumer, 0), self.position)
 
 
 class _NoOptions(TransportOptions):

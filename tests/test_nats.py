@@ -133,6 +133,32 @@ async def test_token_in_url_is_used_and_masked(tmp_path: Path) -> None:
 # -- failures, reconnects, slow consumers ------------------------------------
 
 
+async def test_a_publish_from_another_transport_right_after_subscribe_arrives(
+    nats_server_session: NatsServer,
+) -> None:
+    # nats-server 2.9.10 does not route another connection's publish to a SUB
+    # for a moment after confirming it: without the settle in subscribe(), 38 of
+    # 400 such publishes were lost here (alkpubsub transports on both ends).
+    url = f"{nats_server_session.url}?prefix={unique('p')}"
+    subscriber = await alkpubsub.connect(url)
+    publisher = await alkpubsub.connect(url)
+    lost = 0
+    try:
+        for i in range(150):
+            topic = unique("t")
+            async with subscriber.subscribe(topic) as sub:
+                await publisher.publish(topic, i)
+                try:
+                    await sub.get(timeout=1)
+                except TimeoutError:
+                    lost += 1
+    finally:
+        await publisher.close()
+        await subscriber.close()
+    print(f"NATS subscribe then publish from another transport: lost {lost} of 150")
+    assert lost == 0
+
+
 async def test_malformed_message_is_counted_and_the_subscription_goes_on(
     nats_server_session: NatsServer,
 ) -> None:
